@@ -1,0 +1,185 @@
+"""Runs jobs, each backend variant in its own worker process, and writes one record per cell.
+
+Jobs run one after another (never concurrently: they would contend for the same cores and
+memory bandwidth and each would measure the other). A worker that crashes, is killed for memory
+or exceeds the per-cell timeout costs only its current cell: that cell is recorded as failed with
+the reason and a fresh worker continues with the variant's remaining cells.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from backends.models import ModelSpec
+from harness.env import fingerprint
+from harness.plan import Cell, Job
+from harness.results import SCHEMA_VERSION, ResultsWriter
+
+
+class Observer(Protocol):
+    """Progress callbacks (the CLI draws rich progress bars from them)."""
+
+    def cell_started(self, job: Job, cell: Cell) -> None: ...
+    def cell_progress(self, job: Job, cell: Cell, done: int, total: int) -> None: ...
+    def cell_finished(self, job: Job, cell: Cell, record: dict[str, Any]) -> None: ...
+
+
+class NullObserver:
+    def cell_started(self, job, cell): pass
+    def cell_progress(self, job, cell, done, total): pass
+    def cell_finished(self, job, cell, record): pass
+
+
+@dataclass
+class RunConfig:
+    run_id: str
+    model: ModelSpec
+    results_path: Path
+    log_dir: Path
+    cell_timeout_s: float = 3600.0
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "worker still running"
+    if code < 0:
+        name = signal.Signals(-code).name
+        hint = " (likely killed for memory)" if name == "SIGKILL" else ""
+        return f"worker killed by {name}{hint}"
+    return f"worker exited with code {code}"
+
+
+class Runner:
+    def __init__(self, config: RunConfig, observer: Observer | None = None):
+        self.config = config
+        self.observer = observer or NullObserver()
+        self.writer = ResultsWriter(config.results_path)
+        self.env = fingerprint()
+        config.log_dir.mkdir(parents=True, exist_ok=True)
+
+    def run(self, jobs: list[Job]) -> list[dict[str, Any]]:
+        records: list[dict[str, Any]] = []
+        for job in jobs:
+            records.extend(self.run_job(job))
+        return records
+
+    def _record(self, job: Job, cell: Cell, status: str, started_at: str, **data: Any) -> dict[str, Any]:
+        record = {
+            "schema": SCHEMA_VERSION,
+            "run_id": self.config.run_id,
+            "cell_id": cell.cell_id,
+            "label": job.label,
+            "backend": job.backend,
+            "variant": job.variant,
+            "options": job.options,
+            "workload": cell.workload,
+            "params": cell.params,
+            "model": self.config.model.to_dict(),
+            "status": status,
+            "error": data.pop("error", None),
+            "metrics": data.pop("metrics", {}),
+            "samples": data.pop("samples", {}),
+            "load": data.pop("load", None),
+            "info": data.pop("info", {}),
+            "env": self.env,
+            "started_at": started_at,
+            "duration_s": data.pop("duration_s", None),
+        }
+        self.writer.append(record)
+        self.observer.cell_finished(job, cell, record)
+        return record
+
+    def run_job(self, job: Job) -> list[dict[str, Any]]:
+        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        if job.skip_reason:
+            return [self._record(job, c, "failed", now, error=f"unavailable: {job.skip_reason}")
+                    for c in job.cells]
+        records: list[dict[str, Any]] = []
+        pending = list(job.cells)
+        while pending:
+            done = self._run_worker(job, pending)
+            records.extend(done)
+            pending = pending[len(done):]
+        return records
+
+    def _run_worker(self, job: Job, cells: list[Cell]) -> list[dict[str, Any]]:
+        """Run ``cells`` in one worker; returns records for a prefix of them (at least one)."""
+        log_path = self.config.log_dir / f"{job.backend}-{job.variant}.log"
+        payload = {"backend": job.backend, "variant": job.variant, "options": job.options,
+                   "model": self.config.model.to_dict(), "cells": [c.__dict__ for c in cells]}
+        with log_path.open("a") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "harness.worker"], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=log, text=True)
+            proc.stdin.write(json.dumps(payload))
+            proc.stdin.close()
+            events: queue.Queue = queue.Queue()
+            threading.Thread(target=lambda: [events.put(line) for line in proc.stdout] + [events.put(None)],
+                             daemon=True).start()
+            return self._consume(job, cells, proc, events, log_path)
+
+    def _consume(self, job, cells, proc, events, log_path) -> list[dict[str, Any]]:
+        by_id = {c.cell_id: c for c in cells}
+        records: list[dict[str, Any]] = []
+        load: dict[str, Any] | None = None
+        info: dict[str, Any] = {}
+        current: Cell | None = None
+        started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        deadline = time.monotonic() + self.config.cell_timeout_s
+        while True:
+            try:
+                line = events.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                line = "timeout"
+            if line == "timeout" or (line is None and len(records) < len(cells)):
+                cell = current or cells[len(records)]
+                if line == "timeout":
+                    proc.kill()
+                    reason = f"timed out after {self.config.cell_timeout_s:.0f} s"
+                else:
+                    proc.wait()
+                    reason = _describe_exit(proc.returncode)
+                records.append(self._record(job, cell, "failed", started_at, load=load,
+                                            error=f"{reason}; log: {log_path}"))
+                proc.wait()
+                return records
+            if line is None:
+                proc.wait()
+                return records
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            kind = event["event"]
+            if kind == "load_failed":
+                proc.wait()
+                return [self._record(job, c, "failed", started_at, error=f"load failed: {event['error']}")
+                        for c in cells]
+            if kind == "loaded":
+                load, info = event["load"], event["info"]
+            elif kind == "cell_start":
+                current = by_id[event["cell_id"]]
+                started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+                deadline = time.monotonic() + self.config.cell_timeout_s
+                self.observer.cell_started(job, current)
+            elif kind == "progress":
+                self.observer.cell_progress(job, by_id[event["cell_id"]], event["done"], event["total"])
+            elif kind == "cell_done":
+                cell = by_id[event["cell_id"]]
+                records.append(self._record(
+                    job, cell, event["status"], started_at, load=load, error=event.get("error"),
+                    metrics=event.get("metrics", {}), samples=event.get("samples", {}),
+                    info=event.get("info", info), duration_s=event.get("duration_s")))
+                current = None
+                if len(records) == len(cells):
+                    proc.wait()
+                    return records

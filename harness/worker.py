@@ -1,0 +1,79 @@
+"""The worker process: loads one backend variant and runs its cells, streaming JSON events.
+
+Started by ``harness.runner`` as ``python -m harness.worker`` with the job as JSON on stdin.
+Events go to the original stdout, one JSON object per line; anything libraries print goes to
+stderr (the runner keeps it in a log), so a chatty library cannot corrupt the protocol.
+Events: ``loaded`` (load report, info), ``cell_start``, ``progress`` (done, total),
+``cell_done`` (status, metrics, samples, error), ``load_failed`` (error).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from typing import Any
+
+
+def _event_stream():
+    """Keep the real stdout for events; point fd 1 at stderr for everything else."""
+    events = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return events
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def main() -> int:
+    events = _event_stream()
+
+    def emit(kind: str, **data: Any) -> None:
+        from harness.results import _clean
+
+        events.write(json.dumps(_clean({"event": kind, **data})) + "\n")
+
+    job = json.load(sys.stdin)
+    from backends.base import backend_class
+    from backends.models import ModelSpec, load_tokenizer
+    from workloads.registry import WORKLOADS
+
+    spec = ModelSpec.from_dict(job["model"])
+    try:
+        backend = backend_class(job["backend"])(job["variant"], job["options"])
+        load = backend.load(spec)
+        tokenizer = load_tokenizer(spec)
+        info = backend.info()
+    except Exception as exc:  # one backend failing to load must not lose the others' results
+        traceback.print_exc()
+        emit("load_failed", error=one_line(exc))
+        return 0
+    emit("loaded", load={"load_s": load.load_s, "weight_bytes": load.weight_bytes, **load.extra}, info=info)
+    for cell in job["cells"]:
+        emit("cell_start", cell_id=cell["cell_id"])
+        workload_cls = WORKLOADS[cell["workload"]]
+        workload = workload_cls(workload_cls.Params.from_dict(cell["params"]))
+        started = time.perf_counter()
+        try:
+            result = workload.run(
+                backend, tokenizer,
+                lambda done, total, cid=cell["cell_id"]: emit("progress", cell_id=cid, done=done, total=total),
+            )
+        except Exception as exc:  # a failing cell is recorded; the next one still runs
+            traceback.print_exc()
+            emit("cell_done", cell_id=cell["cell_id"], status="failed", error=one_line(exc),
+                 duration_s=time.perf_counter() - started)
+            continue
+        emit("cell_done", cell_id=cell["cell_id"], status="ok", metrics=result.metrics,
+             samples=result.samples, info=backend.info(), duration_s=time.perf_counter() - started)
+    backend.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The latency workload: identical token-exact prompts for every backend, timed per token.
+
+Protocol (llama-bench / optimum-benchmark style): prompts are cut from the WikiText-2 test text at
+exactly ``n_in`` tokens (token ids are handed to backends directly, so no re-tokenization can
+change the count); every generation is greedy with ``min_new_tokens = max_new_tokens = n_out``, so
+every backend produces the same number of tokens. ``warmup`` untimed runs, then ``repetitions``
+timed ones; each metric is summarised over repetitions (``harness.metrics.summarize``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from backends.memory import PeakMemorySampler
+from harness.metrics import generation_timings, inter_token_latencies_ms, summarize
+from workloads.base import Progress, Workload, WorkloadError, WorkloadParams, WorkloadResult
+from workloads.data import wikitext2_token_ids
+
+TIMING_KEYS = ("ttft_ms", "tpot_ms", "e2e_ms", "prefill_tok_s", "decode_tok_s")
+
+
+@dataclass
+class LatencyParams(WorkloadParams):
+    """``n_in`` prompt tokens, ``n_out`` generated tokens, ``batch`` sequences per call."""
+
+    n_in: int = 128
+    n_out: int = 64
+    batch: int = 1
+    warmup: int = 2
+    repetitions: int = 5
+
+
+def build_prompts(corpus_ids, n_in: int, batch: int) -> list[list[int]]:
+    """``batch`` prompts of exactly ``n_in`` tokens, consecutive slices of ``corpus_ids`` starting
+    at token ``n_in`` (deterministic, and different lengths start at the same place).
+
+    Raises:
+        WorkloadError: the corpus is shorter than the prompts need.
+    """
+    start = n_in
+    needed = start + n_in * batch
+    if len(corpus_ids) < needed:
+        raise WorkloadError(f"prompt text too short: {len(corpus_ids)} tokens < {needed} needed")
+    return [list(corpus_ids[start + i * n_in : start + (i + 1) * n_in]) for i in range(batch)]
+
+
+class LatencyWorkload(Workload):
+    name = "latency"
+    description = "TTFT, TPOT, ITL, prefill/decode tokens/s, end-to-end latency, peak memory"
+    Params = LatencyParams
+
+    def run(self, backend, tokenizer, progress: Progress) -> WorkloadResult:
+        p: LatencyParams = self.params
+        if min(p.n_in, p.n_out, p.batch, p.repetitions) < 1 or p.warmup < 0:
+            raise WorkloadError("latency needs n_in, n_out, batch, repetitions >= 1 and warmup >= 0")
+        prompts = build_prompts(wikitext2_token_ids(tokenizer), p.n_in, p.batch)
+        total = p.warmup + p.repetitions
+        runs, itl, extras = [], [], []
+        with PeakMemorySampler() as sampler:
+            for index in range(total):
+                out = backend.generate(prompts, p.n_out, min_new_tokens=p.n_out)
+                progress(index + 1, total)
+                if index < p.warmup:
+                    continue
+                lengths = {len(t) for t in out.token_ids}
+                if lengths != {p.n_out} or out.n_steps != p.n_out:
+                    raise WorkloadError(
+                        f"{backend.label} produced {sorted(lengths)} tokens / {out.n_steps} steps, "
+                        f"not exactly {p.n_out}"
+                    )
+                runs.append(generation_timings(out.start_s, out.step_times_s, p.n_in, p.batch))
+                itl.extend(inter_token_latencies_ms(out.step_times_s))
+                extras.append({"steps_ms": [(t - out.start_s) * 1e3 for t in out.step_times_s], **out.extra})
+        metrics = {key: summarize([r[key] for r in runs]) for key in TIMING_KEYS}
+        metrics["itl_ms"] = summarize(itl)
+        metrics["memory"] = {**sampler.result(), **backend.memory()}
+        kv = [e["kv_cache_bytes"] for e in extras if "kv_cache_bytes" in e]
+        if kv:
+            metrics["kv_cache_bytes"] = max(kv)
+            for key in ("kv_cache_bytes_prefill", "kv_cache_bytes_fp16_analytic", "kv_cache_tokens"):
+                if key in extras[-1]:
+                    metrics[key] = extras[-1][key]
+        return WorkloadResult(metrics, {"runs": runs, "generations": extras})
