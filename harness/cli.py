@@ -146,7 +146,7 @@ def command_run(args: argparse.Namespace) -> int:
     if spec.random_weights:
         refused = [w for w in workloads if WORKLOADS[w].needs_quality]
         if refused and args.workloads:
-            raise UsageError(f"{', '.join(refused)} measure quality and are refused on random weights; "
+            raise UsageError(f"quality workloads ({', '.join(refused)}) are refused on random weights; "
                              f"choose from {', '.join(w for w in WORKLOADS if not WORKLOADS[w].needs_quality)}")
         workloads = [w for w in workloads if not WORKLOADS[w].needs_quality]
     check_data(workloads)

@@ -199,7 +199,6 @@ class TransformersBackend(Backend):
 
         if "threads" in self.options:
             torch.set_num_threads(int(self.options["threads"]))
-        started = time.perf_counter()
         directory = checkpoint_dir(model)  # one-time GGUF conversion / random init is cached
         ready = time.perf_counter()
         try:
@@ -208,7 +207,7 @@ class TransformersBackend(Backend):
             raise BackendError(f"{self.label}: cannot load {model.name}: {exc}") from exc
         self.spec = model
         finished = time.perf_counter()
-        extra = {"checkpoint_prepare_s": prepare_seconds(directory), "resolve_s": ready - started}
+        extra = {"checkpoint_convert_s_once": prepare_seconds(directory)}
         return LoadReport(finished - ready, self.weight_bytes(), extra)
 
     def weight_bytes(self) -> int:

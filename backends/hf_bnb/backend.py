@@ -85,6 +85,7 @@ class BitsAndBytesBackend(TransformersBackend):
         import bitsandbytes
 
         config = self.quantization_config().to_dict()
-        keep = {k: v for k, v in config.items() if k.startswith(("load_in", "bnb_4bit", "llm_int8"))}
+        prefix = "llm_int8_threshold" if self.variant == "int8" else "bnb_4bit"
+        keep = {k: v for k, v in config.items() if k.startswith(prefix)}
         return {"format": f"bnb-{self.variant}", "bitsandbytes": bitsandbytes.__version__,
                 "config": {k: str(v) for k, v in keep.items()}}

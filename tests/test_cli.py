@@ -1,0 +1,76 @@
+"""CLI error paths: one line on stderr, exit code 2, no traceback; and list / report."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, **(env or {})}, timeout=300)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run", "--backends", "nope"], "unknown backend 'nope'; choose from hf, bnb"),
+    (["run", "--backends", "bnb:int3"], "unknown variant bnb:int3; choose from bnb:int8"),
+    (["run", "--model", "no-such-model"], "unknown model 'no-such-model'; choose from smollm2-135m"),
+    (["run", "--workloads", "latency,mmlu"], "unknown workload 'mmlu'; choose from latency"),
+    (["run", "--input-lens", "12,x"], "--input-lens: expected comma-separated integers"),
+    (["run", "--output-len", "0"], "--output-len: expected positive integers"),
+    (["run", "--backend-option", "threads"], "expected key=value"),
+    (["run", "--ppl-context", "64", "--ppl-stride", "128", "--backends", "hf:fp32",
+      "--workloads", "wikitext2"], "--ppl-stride 128 must be <= --ppl-context 64"),
+    (["run", "--model", "tiny-llama", "--workloads", "wikitext2"], "refused on random weights"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_bad_input_is_one_line_exit_2(args, needle, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+
+
+def test_missing_data_dir_is_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("HARNESS_DATA_DIR", "/nonexistent/data")
+    assert main(["run", "--model", "tiny-llama", "--backends", "hf:fp32"]) == 2
+    assert "HARNESS_DATA_DIR=/nonexistent/data is not a directory" in capsys.readouterr().err
+
+
+def test_missing_data_file_is_one_line(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("HARNESS_DATA_DIR", str(tmp_path))
+    assert main(["run", "--model", "tiny-llama", "--backends", "hf:fp32"]) == 2
+    assert "missing data:" in capsys.readouterr().err
+
+
+def test_subprocess_error_has_no_traceback():
+    proc = run_cli("run", "--backends", "hf:int3")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: unknown variant hf:int3; choose from hf:fp32, hf:bf16, hf:fp16"
+
+
+def test_list_shows_availability_and_reasons():
+    proc = run_cli("list")
+    assert proc.returncode == 0
+    assert "hf:fp32" in proc.stdout and "bnb:nf4" in proc.stdout
+    assert "smollm2-135m (default)" in proc.stdout
+    assert "wikitext2" in proc.stdout
+
+
+def test_report_rejects_bad_results_file(tmp_path, capsys):
+    bad = tmp_path / "results.jsonl"
+    bad.write_text("not json\n")
+    assert main(["report", str(bad)]) == 2
+    assert "not a JSON line" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "missing.jsonl")]) == 2
+    bad.write_text(json.dumps({"hello": 1}) + "\n")
+    assert main(["report", str(bad)]) == 2
+    assert "not a quantarena record" in capsys.readouterr().err

@@ -1,0 +1,79 @@
+"""The sliding-window protocol and the perplexity workload against a direct computation."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from backends.base import backend_class
+from backends.models import load_tokenizer
+from workloads.base import WorkloadError
+from workloads.data import wikitext2_token_ids
+from workloads.wikitext2 import WikiText2Workload, WikiTextParams, sliding_windows
+
+
+def test_windows_score_every_token_once():
+    ids = list(range(1000))
+    windows = sliding_windows(ids, context=256, stride=100)
+    scored = []
+    offset = 0
+    for w in windows:
+        begin = ids.index(w.token_ids[0])
+        scored += list(range(begin + w.first_scored, begin + len(w.token_ids)))
+        offset += 1
+    assert scored == list(range(1, 1000))
+    assert all(len(w.token_ids) <= 256 for w in windows)
+
+
+@pytest.mark.parametrize("context,stride", [(10, 0), (10, 11)])
+def test_bad_stride_rejected(context, stride):
+    with pytest.raises(WorkloadError):
+        sliding_windows(list(range(50)), context, stride)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tiny_model):
+    backend = backend_class("hf")("fp32")
+    backend.load(tiny_model)
+    return backend
+
+
+def _direct_ppl(model, ids, context, stride):
+    """The transformers guide's loop, written out independently: labels masked with -100."""
+    nll_sum, count, prev_end = 0.0, 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + context, len(ids))
+        trg = end - prev_end
+        input_ids = torch.tensor([ids[begin:end]])
+        labels = input_ids.clone()
+        labels[:, :-trg] = -100
+        with torch.no_grad():
+            loss = model(input_ids, labels=labels).loss
+        n = int((labels[:, 1:] != -100).sum())
+        nll_sum += loss.item() * n
+        count += n
+        prev_end = end
+        if end == len(ids):
+            break
+    return math.exp(nll_sum / count), count
+
+
+def test_workload_matches_direct_computation(tiny_hf, tiny_model, data_dir, monkeypatch):
+    monkeypatch.setenv("HARNESS_DATA_DIR", str(data_dir))
+    tokenizer = load_tokenizer(tiny_model)
+    params = WikiTextParams(context=128, stride=64, max_eval_tokens=600)
+    result = WikiText2Workload(params).run(tiny_hf, tokenizer, lambda d, t: None)
+    ids = list(wikitext2_token_ids(tokenizer)[:600])
+    expected, count = _direct_ppl(tiny_hf.model, ids, 128, 64)
+    assert result.metrics["n_tokens"] == count == 599
+    assert result.metrics["ppl"] == pytest.approx(expected, rel=1e-4)
+    assert len(result.samples["window_mean_nll"]) == result.metrics["n_windows"]
+
+
+def test_single_window_equals_one_forward(tiny_hf):
+    ids = list(range(100, 164))
+    (scores,) = tiny_hf.loglikelihood([sliding_windows(ids, 64, 64)[0]])
+    with torch.no_grad():
+        loss = tiny_hf.model(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
+    assert -np.mean(scores) == pytest.approx(loss, rel=1e-5)
