@@ -91,14 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--ppl-stride", type=_positive, default=512, help="stride tokens (default 512)")
     ppl.add_argument("--max-eval-tokens", type=_non_negative, default=4096,
                      help="score this many leading tokens; 0 = the whole split (default 4096)")
+    qa = run.add_argument_group("squad")
+    qa.add_argument("--squad-n", type=_positive, default=200, help="questions, stratified HasAns/NoAns (default 200)")
+    qa.add_argument("--squad-shots", type=_non_negative, default=0, help="worked examples per prompt (default 0)")
+    qa.add_argument("--squad-batch", type=_positive, default=8, help="questions per generate call (default 8)")
+    qa.add_argument("--squad-seed", type=_non_negative, default=0, help="sampling seed (default 0)")
     run.add_argument("--backend-option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                      help="passed to every backend (e.g. threads=2, attn=eager)")
     run.add_argument("--timeout", type=_positive, default=3600, help="seconds per cell (default 3600)")
 
     sub.add_parser("list", help="backends (with availability), models, workloads")
-    report = sub.add_parser("report", help="re-render the markdown report from a results file")
+    report = sub.add_parser("report", help="re-render the markdown report from results.jsonl or "
+                            "pytest-benchmark JSON")
     report.add_argument("results", type=Path)
     report.add_argument("--out", type=Path, help="output folder (default: beside the results)")
+    compare = sub.add_parser("compare", help="compare pytest-benchmark JSON runs (first = reference)")
+    compare.add_argument("runs", type=Path, nargs="+")
+    compare.add_argument("--out", type=Path, help="write the markdown here (default: print it)")
     return parser
 
 
@@ -118,8 +127,10 @@ def plan_cells(args: argparse.Namespace, workloads: list[str]) -> list[Cell]:
             params = {"context": args.ppl_context, "stride": args.ppl_stride,
                       "max_eval_tokens": args.max_eval_tokens}
             cells.append(Cell("wikitext2", name, params))
-        else:
-            cells.append(Cell(name, name, WORKLOADS[name].Params.from_dict(vars(args)).to_dict()))
+        elif name == "squad":
+            params = {"n": args.squad_n, "shots": args.squad_shots, "batch_size": args.squad_batch,
+                      "seed": args.squad_seed}
+            cells.append(Cell(f"squad-n{args.squad_n}-k{args.squad_shots}", name, params))
     return cells
 
 
@@ -134,6 +145,8 @@ def check_data(workloads: list[str]) -> None:
         path = local / "wikitext-2-raw-v1" / "test.txt"
         if not path.is_file():
             raise WorkloadError(f"missing data: {path} (HARNESS_DATA_DIR={os.environ['HARNESS_DATA_DIR']})")
+    if "squad" in workloads and not list((local / "squad_v2").glob("*.json")):
+        raise WorkloadError(f"missing data: {local / 'squad_v2'}/*.json (HARNESS_DATA_DIR={os.environ['HARNESS_DATA_DIR']})")
 
 
 def command_run(args: argparse.Namespace) -> int:
@@ -204,8 +217,13 @@ def command_list(_: argparse.Namespace) -> int:
 
 def command_report(args: argparse.Namespace) -> int:
     from harness.console import console, summary_table
+    from reports.benchmarks import is_benchmark_json
     from reports.markdown import render_report
 
+    if is_benchmark_json(args.results):
+        args.runs = [args.results]
+        args.out = (args.out or args.results.parent) / f"{args.results.stem}.md"
+        return command_compare(args)
     records = read_records(args.results)
     out = args.out or args.results.parent
     report = render_report(records, out, title=f"quantarena: {records[0]['model'].get('name', '')}")
@@ -214,7 +232,20 @@ def command_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": command_run, "list": command_list, "report": command_report}
+def command_compare(args: argparse.Namespace) -> int:
+    from reports.benchmarks import render_benchmarks
+
+    markdown = render_benchmarks(args.runs)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(markdown, encoding="utf-8")
+        print(f"report: {args.out}")
+    else:
+        print(markdown)
+    return 0
+
+
+COMMANDS = {"run": command_run, "list": command_list, "report": command_report, "compare": command_compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from reports.plots import plot_all
+from reports.squad import squad_section
 from reports.table import LATENCY_COLUMNS, MB, SummaryRow, headline_latency, latency_rows, summary_rows
 
 METHOD_NOTES = """\
@@ -98,6 +99,15 @@ def render_report(records: list[dict[str, Any]], out_dir: Path, title: str = "qu
             [r["label"], f"{r['metrics']['ppl']:.3f}", f"{r['metrics']['ppl_se']:.3f}",
              "{:.3f} - {:.3f}".format(*r["metrics"]["ppl_ci95"]), str(r["metrics"]["n_tokens"]),
              r["metrics"]["protocol"]] for r in ppl]))
+    header, squad_rows, base, example = squad_section(records)
+    if squad_rows:
+        first = next(r for r in records if r["workload"] == "squad" and r["status"] == "ok")["metrics"]
+        parts += ["", "## SQuAD v2.0 (generative QA)", "",
+                  f"Official v2.0 scoring (x100). Prompt `{first['prompt_version']}`, {first['shots']}-shot, "
+                  f"seed {first['seed']}, chat template: {'yes' if first['chat_template'] else 'no'}. "
+                  f"Agreement: share of questions whose normalised answer equals {base}'s.", "",
+                  _md_table(header, squad_rows), "", "<details><summary>Example prompt</summary>", "",
+                  "```text", example or "", "```", "", "</details>"]
     prep = _preparation_rows(records)
     if prep:
         parts += ["", "## One-time preparation costs", "", _md_table(["backend", "reported"], prep)]

