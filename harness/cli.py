@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from backends.base import REGISTRY, backend_class, variant_availability
-from backends.models import EMBEDDED_MODEL, MODELS, ModelError, resolve_model
+from backends.models import EMBEDDED_MODEL, MODELS, ModelError, checkpoint_dir, resolve_model
 from harness.plan import Cell, UsageError, build_jobs, parse_backends, parse_workloads
 from harness.results import ResultsError, read_records
 from workloads.base import WorkloadError
@@ -155,6 +155,8 @@ def command_run(args: argparse.Namespace) -> int:
     from reports.markdown import render_report
 
     spec = resolve_model(args.model, random_weights=args.random_weights)
+    if spec.source == "hub":
+        checkpoint_dir(spec)  # download once, here, so an unreachable model is a one-line error
     workloads = parse_workloads(args.workloads, DEFAULT_WORKLOADS)
     if spec.random_weights:
         refused = [w for w in workloads if WORKLOADS[w].needs_quality]

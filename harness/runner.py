@@ -49,6 +49,14 @@ class RunConfig:
     cell_timeout_s: float = 3600.0
 
 
+def _pump(stream, events: queue.Queue) -> None:
+    """Move the worker's event lines into a queue (so the runner can wait with a timeout);
+    None marks the end of the stream."""
+    for line in stream:
+        events.put(line)
+    events.put(None)
+
+
 def _describe_exit(code: int | None) -> str:
     if code is None:
         return "worker still running"
@@ -123,8 +131,7 @@ class Runner:
             proc.stdin.write(json.dumps(payload))
             proc.stdin.close()
             events: queue.Queue = queue.Queue()
-            threading.Thread(target=lambda: [events.put(line) for line in proc.stdout] + [events.put(None)],
-                             daemon=True).start()
+            threading.Thread(target=_pump, args=(proc.stdout, events), daemon=True).start()
             return self._consume(job, cells, proc, events, log_path)
 
     def _consume(self, job, cells, proc, events, log_path) -> list[dict[str, Any]]:

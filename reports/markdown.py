@@ -11,7 +11,8 @@ from typing import Any
 
 from reports.plots import plot_all
 from reports.squad import squad_section
-from reports.table import LATENCY_COLUMNS, MB, SummaryRow, headline_latency, latency_rows, summary_rows
+from reports.table import (LATENCY_COLUMNS, MB, SummaryRow, headline_latency, kv_context_table, latency_rows,
+                           summary_rows)
 
 METHOD_NOTES = """\
 - Latency: identical token-exact prompts cut from the WikiText-2 test text; greedy decoding with
@@ -92,6 +93,11 @@ def render_report(records: list[dict[str, Any]], out_dir: Path, title: str = "qu
     latency = latency_rows(records)
     if latency:
         parts += ["", "## Latency, every shape", "", "median (p90)", "", _md_table(LATENCY_COLUMNS, latency)]
+    kv_header, kv_rows = kv_context_table(records)
+    if kv_rows:
+        parts += ["", "## KV-cache MB vs context length", "",
+                  "Bytes the KV cache holds after prefill of n_in tokens and decode of n_out tokens.", "",
+                  _md_table(kv_header, kv_rows)]
     ppl = [r for r in records if r["workload"] == "wikitext2" and r["status"] == "ok"]
     if ppl:
         parts += ["", "## Perplexity (WikiText-2 raw, test)", ""]

@@ -121,3 +121,19 @@ def latency_rows(records: list[dict[str, Any]]) -> list[list[str]]:
 
 LATENCY_COLUMNS = ["backend", "n_in", "n_out", "batch", "TTFT ms", "TPOT ms", "ITL ms",
                    "prefill tok/s", "decode tok/s", "e2e ms", "peak MB", "KV MB"]
+
+
+def kv_context_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """KV-cache MB at the end of generation per backend (rows) and prompt length (columns), from
+    latency records that report ``kv_cache_bytes``; empty when fewer than two lengths were run."""
+    cells: dict[str, dict[int, float]] = {}
+    for r in records:
+        if r["status"] == "ok" and r["workload"] == "latency" and r["metrics"].get("kv_cache_bytes"):
+            cells.setdefault(r["label"], {})[r["params"]["n_in"]] = r["metrics"]["kv_cache_bytes"] / MB
+    lengths = sorted({n for by_len in cells.values() for n in by_len})
+    if len(lengths) < 2:
+        return [], []
+    header = ["backend"] + [f"n_in={n}" for n in lengths]
+    rows = [[label] + [f"{by_len[n]:.2f}" if n in by_len else "-" for n in lengths]
+            for label, by_len in cells.items()]
+    return header, rows

@@ -74,3 +74,23 @@ def test_report_rejects_bad_results_file(tmp_path, capsys):
     bad.write_text(json.dumps({"hello": 1}) + "\n")
     assert main(["report", str(bad)]) == 2
     assert "not a quantarena record" in capsys.readouterr().err
+
+
+def test_unreachable_hub_model_is_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["run", "--model", "llama3-8b", "--backends", "hf:fp32"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot fetch meta-llama/Meta-Llama-3-8B-Instruct" in err and "--random-weights" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_random_weights_specs_use_shipped_configs():
+    from transformers import AutoConfig
+
+    from backends.models import resolve_model
+
+    spec = resolve_model("llama3-8b", random_weights=True)
+    assert spec.random_weights and spec.hub_id == "meta-llama/Meta-Llama-3-8B-Instruct"
+    config = AutoConfig.from_pretrained(spec.location)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_key_value_heads, config.vocab_size) == (
+        4096, 32, 8, 128256)

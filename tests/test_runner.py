@@ -63,3 +63,13 @@ def test_records_are_json_lines_without_nan(tmp_path, data_env):
     record = json.loads(line)
     assert record["metrics"]["tpot_ms"]["median"] is None  # one token: no decode phase, NaN -> null
     assert "NaN" not in line
+
+
+def test_random_weights_run_of_a_registered_architecture(tmp_path, data_env):
+    code = main(["run", "--model", "smollm2-135m", "--random-weights", "--backends", "hf:fp32",
+                 "--input-lens", "8", "--output-len", "2", "--warmup", "0", "--repetitions", "1",
+                 "--out", str(tmp_path)])
+    assert code == 0
+    (record,) = read_records(tmp_path / "results.jsonl")  # wikitext2 dropped: quality needs real weights
+    assert record["workload"] == "latency" and record["model"]["source"] == "random"
+    assert record["load"]["weight_bytes"] > 100e6  # the full 135M-parameter architecture
