@@ -242,3 +242,19 @@ def test_smollm2_perplexity_through_the_cache(data_dir):
         backend.close()
     assert ppl["kvq:fp16"] == pytest.approx(ppl["hf:fp32"], rel=0.005)
     assert ppl["kvq:int2"] > 1.1 * ppl["kvq:fp16"]
+
+
+def test_context_sweep_grows_linearly(kvq, tiny_model):
+    from backends.kvq.sweep import context_sweep, markdown_table
+
+    rows = context_sweep(kvq("fp16"), tiny_model, [32, 64], decode_tokens=3)
+    rows += context_sweep(kvq("int4"), tiny_model, [32, 64], decode_tokens=3)
+    by = {(r["backend"], r["context"]): r for r in rows}
+    for label in ("kvq:fp16", "kvq:int4"):
+        assert by[(label, 64)]["kv_mb_prefill"] == pytest.approx(2 * by[(label, 32)]["kv_mb_prefill"])
+        assert by[(label, 64)]["decode_tokens"] == 3 and by[(label, 64)]["ttft_ms"] > 0
+    assert by[("kvq:int4", 64)]["kv_mb_prefill"] < by[("kvq:fp16", 64)]["kv_mb_prefill"]
+    table = markdown_table(rows)
+    assert "| kvq:int4 | 64 |" in table and "1.00x" in table
+    with pytest.raises(ValueError, match="decode_tokens"):
+        context_sweep(kvq("fp16"), tiny_model, [8], decode_tokens=1)
