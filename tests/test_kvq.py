@@ -232,7 +232,8 @@ def test_smollm2_perplexity_through_the_cache(data_dir):
 
     spec = resolve_model("smollm2-135m")
     text = (data_dir / "wikitext-2-raw-v1" / "test.txt").read_text()
-    ids = load_tokenizer(spec)(text, add_special_tokens=False)["input_ids"][:1024]
+    # 512 tokens (not the 1024 of the reported numbers) keeps this test near a minute on 2 cores
+    ids = load_tokenizer(spec)(text[:20_000], add_special_tokens=False)["input_ids"][:512]
     window = ScoringWindow(tuple(ids), 0)
     ppl = {}
     for name, variant in (("hf", "fp32"), ("kvq", "fp16"), ("kvq", "int2")):

@@ -6,8 +6,8 @@ row; ``python -m backends.kvq.sweep`` runs it standalone for the kvq variants an
     python -m backends.kvq.sweep --model smollm2-135m --context-lengths 512,1024,2048,4096 \\
         --decode-tokens 32 --variants fp16,int8,int4,int2,hybrid --json sweep.json
 
-Per length, one warm-up generation of 2 tokens is discarded, then one measured generation of
-``decode_tokens`` tokens (exact length, EOS suppressed) gives:
+One warm-up generation (2 tokens, the first length's prompt) is discarded; then per length one
+measured generation of ``decode_tokens`` tokens (exact length, EOS suppressed) gives:
 
 * ``kv_mb_prefill`` / ``kv_mb``: ``kv_cache_bytes_prefill`` / ``kv_cache_bytes`` in MiB (2**20);
 * ``kv_fp16_analytic_mb``: ``2 x layers x kv_heads x head_dim x tokens x 2`` bytes in MiB;
@@ -73,9 +73,10 @@ def context_sweep(backend, spec, lengths: Sequence[int], decode_tokens: int, dat
     if decode_tokens < 2:
         raise ValueError("decode_tokens must be >= 2 to measure a decode rate")
     rows = []
-    for length in lengths:
+    for index, length in enumerate(lengths):
         prompt = prompt_tokens(spec, length, data_dir)
-        backend.generate([prompt], 2, min_new_tokens=2)  # warm-up at this shape, discarded
+        if index == 0:
+            backend.generate([prompt], 2, min_new_tokens=2)  # warm-up, discarded
         before = process_memory()["rss"]
         with PeakMemorySampler() as sampler:
             out = backend.generate([prompt], decode_tokens, min_new_tokens=decode_tokens)
@@ -155,12 +156,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows += new_rows
             backend.close()
             print(f"done kvq:{variant} (attention: {info['attn_implementation']})", flush=True)
+            if args.json:  # rows so far, so an interrupted sweep keeps what it measured
+                args.json.write_text(json.dumps(rows, indent=1))
     except (BackendError, ModelError, ValueError) as exc:
         print(f"error: {exc}")
         return 2
     print(markdown_table(rows))
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
     return 0
 
 
