@@ -74,12 +74,19 @@ class TokenTimer:
     transformers calls ``put`` once with the prompt and then once per step with that step's new
     tokens ``[batch]`` (after sampling, before the next forward). On CUDA the stream is
     synchronised first so the stamp is when the token exists, not when its kernel was queued.
+
+    Args:
+        synchronize: called before each stamp (``torch.cuda.synchronize`` on CUDA), or None.
+        on_first_step: called once, right after the first step's stamp (the prefill has then
+            finished and the cache holds exactly the prompt), e.g. to measure the KV cache; its
+            cost falls into the second step's interval, not into TTFT.
     """
 
-    def __init__(self, synchronize=None):
+    def __init__(self, synchronize=None, on_first_step=None):
         self.step_times_s: list[float] = []
         self._seen_prompt = False
         self._synchronize = synchronize
+        self._on_first_step = on_first_step
 
     def put(self, value) -> None:
         if not self._seen_prompt:
@@ -88,6 +95,8 @@ class TokenTimer:
         if self._synchronize is not None:
             self._synchronize()
         self.step_times_s.append(time.perf_counter())
+        if self._on_first_step is not None and len(self.step_times_s) == 1:
+            self._on_first_step()
 
     def end(self) -> None:
         pass
@@ -108,7 +117,8 @@ def module_weight_bytes(model) -> int:
 def cache_bytes(cache) -> int:
     """Bytes held by every tensor reachable from a transformers cache object (each storage once):
     keys and values, and for quantized caches their packed payload, scales and zero points and the
-    full-precision residual. Walks attributes generically so new cache classes are counted too."""
+    full-precision residual. Walks attributes generically so new cache classes are counted too;
+    tensor subclasses that wrap other tensors (``__tensor_flatten__``) are counted by their parts."""
     import torch
 
     seen: set[int] = set()
@@ -120,7 +130,11 @@ def cache_bytes(cache) -> int:
         if id(obj) in visited or obj is None:
             continue
         visited.add(id(obj))
-        if isinstance(obj, torch.Tensor):
+        if isinstance(obj, torch.Tensor) and hasattr(obj, "__tensor_flatten__"):
+            # a wrapper tensor subclass (optimum-quanto's packed / quantized tensors) owns no
+            # storage itself: count the plain tensors it is made of (payload, scale, shift)
+            stack.extend(getattr(obj, name) for name in obj.__tensor_flatten__()[0])
+        elif isinstance(obj, torch.Tensor):
             storage = obj.untyped_storage()
             if storage.data_ptr() not in seen:
                 seen.add(storage.data_ptr())
@@ -132,6 +146,28 @@ def cache_bytes(cache) -> int:
         elif hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.nn.Module)):
             stack.extend(vars(obj).values())
     return total
+
+
+def kv_fp16_analytic_bytes(config, tokens: int) -> int:
+    """The size an fp16 KV cache of ``tokens`` cached positions would have, in bytes:
+    ``2 (K and V) x layers x kv_heads x head_dim x tokens x 2 bytes`` (the standard KV-cache size
+    formula, e.g. Pope et al. 2022, "Efficiently Scaling Transformer Inference", section 2).
+
+    Args:
+        config: a transformers model config (its text config is used); ``head_dim`` defaults to
+            ``hidden_size // num_attention_heads``, ``num_key_value_heads`` to the head count.
+        tokens: cached positions summed over the batch (``batch x sequence length``).
+    """
+    config = config.get_text_config(decoder=True)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * tokens * 2
+
+
+def cache_tokens(cache, batch: int) -> int:
+    """Cached positions in ``cache`` summed over the batch (padding included: it is stored)."""
+    return int(cache.get_seq_length()) * batch
 
 
 def trim_at_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
@@ -182,8 +218,16 @@ class TransformersBackend(Backend):
         )
 
     def generation_kwargs(self) -> dict[str, Any]:
-        """Extra ``model.generate`` arguments (e.g. a quantized cache implementation)."""
+        """Extra ``model.generate`` arguments."""
         return {}
+
+    def new_cache(self):
+        """A fresh, empty KV cache for one generation or scoring pass (a transformers ``Cache``).
+        The default is the ``DynamicCache`` ``generate`` would build itself; the quantized-KV
+        backend returns its quantized / hybrid caches."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
 
     def quantization_info(self) -> dict[str, Any]:
         """The weight format, for ``info()``."""
@@ -262,7 +306,15 @@ class TransformersBackend(Backend):
             raise BackendError(f"{self.label}: generate() before load()")
         input_ids, attention_mask = self._pad_batch(prompt_token_ids)
         stop_ids = list(dict.fromkeys([*self.eos_token_ids, *stop_token_ids]))
-        timer = TokenTimer(self._synchronize())
+        cache = self.new_cache()
+        extra: dict[str, Any] = {}
+        batch = input_ids.shape[0]
+
+        def measure_prefill() -> None:
+            extra["kv_cache_bytes_prefill"] = cache_bytes(cache)
+            extra["kv_cache_tokens_prefill"] = cache_tokens(cache, batch)
+
+        timer = TokenTimer(self._synchronize(), on_first_step=measure_prefill)
         with torch.inference_mode():
             start = time.perf_counter()
             output = self.model.generate(
@@ -277,12 +329,17 @@ class TransformersBackend(Backend):
                 eos_token_id=stop_ids,
                 pad_token_id=self.pad_token_id,
                 streamer=timer,
+                past_key_values=cache,
                 return_dict_in_generate=True,
                 **self.generation_kwargs(),
             )
         new_tokens = output.sequences[:, input_ids.shape[1]:].tolist()
         stops = set(stop_ids)
-        extra = {"kv_cache_bytes": cache_bytes(output.past_key_values)}
+        extra["kv_cache_bytes"] = cache_bytes(output.past_key_values)
+        extra["kv_cache_tokens"] = cache_tokens(output.past_key_values, batch)
+        extra["kv_cache_bytes_fp16_analytic"] = kv_fp16_analytic_bytes(
+            self.model.config, extra["kv_cache_tokens"]
+        )
         return GenerationOutput(
             [trim_at_stop(row, stops) for row in new_tokens], start, timer.step_times_s, extra
         )

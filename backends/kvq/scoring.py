@@ -1,0 +1,69 @@
+"""Scoring a window through a KV cache, so that perplexity sees the cache's precision.
+
+A single forward pass over a window computes attention from the fresh keys and values and never
+reads the cache, so it reports the same perplexity for every KV precision. Here a window is scored
+the way generation reads it (the protocol of the quantized-KV studies, e.g. KIVI, arXiv:2402.02750,
+and KVQuant, arXiv:2401.18079, which evaluate perplexity with the quantized cache in the loop):
+
+1. prefill ``token_ids[:first_scored]`` through the cache; its last logits score
+   ``token_ids[first_scored]``;
+2. feed the remaining tokens ``token_ids[first_scored : n-1]`` in chunks of at most ``chunk``
+   tokens through the same cache; chunk position ``j`` scores the token after it.
+
+Each chunk attends to all earlier tokens through what the cache returns (for a quantized cache:
+the dequantized store plus the full-precision residual) and to its own tokens at full precision,
+as a decoding step attends to itself. ``chunk=1`` is exactly token-by-token decoding.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def cached_logprobs(model, cache, token_ids: Sequence[int], first_scored: int, chunk: int, device: str) -> np.ndarray:
+    """Log-probabilities of ``token_ids[first_scored:]`` computed through ``cache``.
+
+    Args:
+        model: a transformers ``*ForCausalLM`` in eval mode.
+        cache: an empty transformers ``Cache``; it is filled (and left filled) by this call.
+        token_ids: the window, ``[n]`` token ids.
+        first_scored: index of the first scored token, ``1 <= first_scored <= n``.
+        chunk: the most tokens per forward after the prefill (>= 1).
+        device: where the model runs (``"cpu"`` / ``"cuda"``).
+
+    Returns:
+        float64 array ``[n - first_scored]`` of natural-log probabilities.
+
+    Raises:
+        ValueError: ``first_scored`` or ``chunk`` out of range.
+    """
+    import torch
+
+    n = len(token_ids)
+    if not 1 <= first_scored <= n:
+        raise ValueError(f"first_scored must be in 1..{n}, got {first_scored}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if first_scored == n:
+        return np.zeros(0)
+    ids = torch.tensor([list(token_ids)], dtype=torch.long, device=device)
+    pieces = []
+    with torch.inference_mode():
+        bounds = [(0, first_scored)] + [
+            (start, min(start + chunk, n - 1)) for start in range(first_scored, n - 1, chunk)
+        ]
+        for start, stop in bounds:
+            out = model(
+                input_ids=ids[:, start:stop],
+                past_key_values=cache,
+                use_cache=True,
+                cache_position=torch.arange(start, stop, device=device),
+            )
+            # logits at positions start..stop-1 predict tokens start+1..stop; keep the scored ones
+            logits = out.logits[0, max(start, first_scored - 1) - start :]
+            targets = ids[0, max(start, first_scored - 1) + 1 : stop + 1]
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            pieces.append(logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1))
+    return torch.cat(pieces).double().cpu().numpy()
