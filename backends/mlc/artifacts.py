@@ -31,12 +31,13 @@ def source_hash() -> str:
     return digest.hexdigest()[:12]
 
 
-def artifact_dir(checkpoint: Path, mode: str, dtype: str, target_key: str) -> Path:
-    """Where the artifacts for this combination live (may not exist yet)."""
+def artifact_dir(checkpoint: Path, mode: str, dtype: str, target_key: str, root: Path | None = None) -> Path:
+    """Where the artifacts for this combination live (may not exist yet), under ``root``
+    (default ``cache_root() / "mlc"``)."""
     import tvm
 
     key = f"{Path(checkpoint).name}-{mode}-{dtype}-{target_key}-tvm{tvm.__version__}-{source_hash()}"
-    return cache_root() / "mlc" / key.replace("/", "_")
+    return Path(root or cache_root() / "mlc") / key.replace("/", "_")
 
 
 def is_complete(directory: Path) -> bool:

@@ -21,7 +21,7 @@ from backends.hf.backend import cpu_flags, default_device
 from backends.models import ModelError, ModelSpec, checkpoint_dir, prepare_seconds
 from backends.mlc.quant import MODES
 
-_INT_OPTIONS = ("context_window", "prefill_chunk", "page_size", "sliding_window", "attention_sink", "max_batch")
+_INT_OPTIONS = ("context_window", "prefill_chunk", "sliding_window", "attention_sink", "max_batch")
 
 
 class MLCBackend(Backend):
@@ -30,8 +30,9 @@ class MLCBackend(Backend):
     Options (``--backend-option key=value``): ``device`` (``cpu``/``cuda``, default CUDA when
     present), ``threads`` (TVM worker threads, default all cores; must be set before TVM's first
     parallel call in the process), and the KV-cache settings of ``runtime.KVOptions``:
-    ``context_window``, ``prefill_chunk``, ``page_size``, ``sliding_window``, ``attention_sink``,
-    ``max_batch`` (tokens / sequences).
+    ``context_window``, ``prefill_chunk``, ``sliding_window``, ``attention_sink``,
+    ``max_batch`` (tokens / sequences); ``cache_dir`` (compiled-artifact cache, default
+    ``cache_root()/mlc``).
     """
 
     name = "mlc"
@@ -65,8 +66,8 @@ class MLCBackend(Backend):
         except (TypeError, ValueError) as exc:
             raise BackendError(f"{self.label}: bad KV-cache option: {exc}") from None
         o = self.kv_options
-        if o.prefill_chunk <= 0 or o.page_size <= 0 or o.max_batch <= 0:
-            raise BackendError(f"{self.label}: prefill_chunk, page_size and max_batch must be positive")
+        if o.prefill_chunk <= 0 or o.max_batch <= 0:
+            raise BackendError(f"{self.label}: prefill_chunk and max_batch must be positive")
         if o.attention_sink and not o.sliding_window:
             raise BackendError(f"{self.label}: attention_sink needs sliding_window > 0")
         if o.sliding_window and o.attention_sink >= o.sliding_window:
@@ -122,7 +123,8 @@ class MLCBackend(Backend):
             raise BackendError(f"{self.label}: {exc}") from None
         dtype = self.compute_dtype
         target = make_target(self.device, self.options.get("threads"))
-        entry = artifacts.artifact_dir(directory, self.variant, dtype, target_key(target))
+        entry = artifacts.artifact_dir(directory, self.variant, dtype, target_key(target),
+                                       self.options.get("cache_dir"))
         cached = artifacts.is_complete(entry)
         if not cached:
             import tvm
@@ -230,8 +232,10 @@ class MLCBackend(Backend):
                 "context_window": o.context_window, "prefill_chunk": o.prefill_chunk,
                 "sliding_window": o.sliding_window, "attention_sink": o.attention_sink,
                 "max_batch": o.max_batch,
-                "honoured": ["context_window", "prefill_chunk", "page_size", "sliding_window",
+                "honoured": ["context_window", "prefill_chunk", "sliding_window",
                              "attention_sink", "max_batch"],
+                "not_honoured": {"page_size": "fixed at 16 tokens: other sizes fail TVM 0.27's "
+                                              "compact-layout check in the KV append kernel"},
             },
             "quantization": {
                 "format": f"mlc-{mode.name}", "bits": mode.bits, "group_size": mode.group_size,

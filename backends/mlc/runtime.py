@@ -22,7 +22,7 @@ class KVOptions:
     Attributes:
         context_window: the most tokens one sequence may hold (prompt + generated); 0 = model max.
         prefill_chunk: the most tokens one prefill call processes (longer inputs are chunked).
-        page_size: tokens per KV page.
+        page_size: tokens per KV page (fixed at 16: other sizes fail a layout check in TVM 0.27).
         sliding_window: keep only the last this-many tokens' KV per sequence (0 = off).
         attention_sink: with a sliding window, also keep the first this-many tokens (StreamingLLM).
         max_batch: the most sequences the cache is created for.
