@@ -22,7 +22,8 @@ def make_target(device: str, threads: int | None = None):
     host = {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
             "num-cores": int(threads or os.cpu_count() or 1)}
     if device == "cuda":
-        arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+        # QUANTARENA_CUDA_ARCH (e.g. sm_90) cross-compiles on a machine without the GPU
+        arch = os.environ.get("QUANTARENA_CUDA_ARCH") or "sm_" + tvm.cuda(0).compute_version.replace(".", "")
         return Target({"kind": "cuda", "arch": arch}, host=host)
     return Target(host)
 

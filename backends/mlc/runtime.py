@@ -55,10 +55,10 @@ class Session:
     def __init__(self, library, params: Sequence[np.ndarray], device: str, kv: KVOptions,
                  kv_bytes_per_token: int):
         import tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # = relax.VirtualMachine; also in runtime-only TVM
 
         self.dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
-        self.vm = relax.VirtualMachine(library, self.dev)
+        self.vm = VirtualMachine(library, self.dev)
         self.params = [tvm.runtime.tensor(p, self.dev) for p in params]
         self.kv_options = kv
         self.kv_bytes_per_token = kv_bytes_per_token
