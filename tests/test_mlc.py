@@ -5,6 +5,7 @@ paged KV cache behaviour, artifact cache, and errors. The tiny model is compiled
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -272,3 +273,42 @@ def test_smollm2_q0f32_matches_transformers(data_dir):
         backend.close()
     assert results["mlc"][0] == results["hf"][0]
     assert abs(results["mlc"][1] / results["hf"][1] - 1) < 0.005
+
+
+def test_unquantized_embedding_option(tiny_model, mlc_q4):
+    """quantize_embedding=0 keeps the (tied) embedding / lm_head in fp16: more bytes, other scores."""
+    backend, report = _mlc(tiny_model, "q4f16_1", quantize_embedding=0)
+    assert backend.info()["quantization"]["embedding_and_lm_head"] == "q0f16"
+    assert report.weight_bytes > 1.5 * mlc_q4[1].weight_bytes
+    assert "-embf-" in report.extra["artifact_dir"]
+    ids = tuple(range(700, 730))
+    a = backend.loglikelihood([ScoringWindow(ids, 0)])[0]
+    b = mlc_q4[0].loglikelihood([ScoringWindow(ids, 0)])[0]
+    assert np.abs(a - b).max() > 1e-4
+
+
+def test_cuda_device_without_gpu_is_a_clear_error(tiny_model):
+    import tvm
+
+    if tvm.cuda(0).exist:
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(BackendError, match="no CUDA device"):
+        backend_class("mlc")("q4f16_1", {"device": "cuda"}).load(tiny_model)
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="cross-compiling the CUDA kernels needs nvcc")
+def test_cuda_pipeline_cross_compiles(tiny_model, monkeypatch, tmp_path):
+    """The GPU path (dlight schedules, CUDA codegen) builds for sm_90 even without a GPU here."""
+    monkeypatch.setenv("QUANTARENA_CUDA_ARCH", "sm_90")
+    monkeypatch.setenv("TVM_CUDA_COMPILE_MODE", "nvcc")
+    from backends.mlc.compile import compile_module, make_target, target_key
+    from backends.mlc.model import LlamaConfig, build_model, export_spec
+
+    cfg = LlamaConfig.from_hf(json.loads((checkpoint_dir(tiny_model) / "config.json").read_text()))
+    target = make_target("cuda")
+    assert target_key(target) == "cuda-sm_90"
+    with target:
+        mod, _ = build_model(cfg, MODES["q4f16_1"], "float16").export_tvm(export_spec("float16"))
+    compile_module(mod, target, quantized=True).export_library(str(tmp_path / "lib.so"))
+    assert (tmp_path / "lib.so").stat().st_size > 0

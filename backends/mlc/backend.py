@@ -31,7 +31,8 @@ class MLCBackend(Backend):
     present), ``threads`` (TVM worker threads, default all cores; must be set before TVM's first
     parallel call in the process), and the KV-cache settings of ``runtime.KVOptions``:
     ``context_window``, ``prefill_chunk``, ``sliding_window``, ``attention_sink``,
-    ``max_batch`` (tokens / sequences); ``cache_dir`` (compiled-artifact cache, default
+    ``max_batch`` (tokens / sequences); ``quantize_embedding`` (``1`` default, as MLC-LLM;
+    ``0`` keeps embedding / lm_head unquantized in the scale dtype); ``cache_dir`` (compiled-artifact cache, default
     ``cache_root()/mlc``).
     """
 
@@ -86,6 +87,15 @@ class MLCBackend(Backend):
         return Availability.yes()
 
     @property
+    def embed_mode(self):
+        """The embedding / lm_head format: the variant's own (MLC-LLM's choice), or unquantized in
+        the scale dtype with option ``quantize_embedding=0``."""
+        flag = str(self.options.get("quantize_embedding", "1")).lower()
+        if flag in ("1", "true", "yes") or not self.mode.quantized:
+            return self.mode
+        return MODES["q0f16" if self.mode.scale_dtype == "float16" else "q0f32"]
+
+    @property
     def compute_dtype(self) -> str:
         """Activations and KV cache dtype: fp16 for f16 modes on CUDA; fp32 on CPU (no fast fp16
         here unless the CPU has AVX512-FP16, which TVM's LLVM path is not tuned for either)."""
@@ -122,21 +132,23 @@ class MLCBackend(Backend):
         except UnsupportedModel as exc:
             raise BackendError(f"{self.label}: {exc}") from None
         dtype = self.compute_dtype
+        embed_mode = self.embed_mode
         target = make_target(self.device, self.options.get("threads"))
-        entry = artifacts.artifact_dir(directory, self.variant, dtype, target_key(target),
+        entry = artifacts.artifact_dir(directory, self.variant + ("" if embed_mode is self.mode else "-embf"),
+                                       dtype, target_key(target),
                                        self.options.get("cache_dir"))
         cached = artifacts.is_complete(entry)
         if not cached:
             import tvm
 
             with target:
-                module = build_model(cfg, self.mode, dtype)
+                module = build_model(cfg, self.mode, dtype, embed_mode)
                 mod, named = module.export_tvm(export_spec(dtype))
             t0 = time.perf_counter()
-            params = convert(read_checkpoint(directory), cfg, self.mode, dtype, [n for n, _ in named])
+            params = convert(read_checkpoint(directory), cfg, self.mode, dtype, [n for n, _ in named], embed_mode)
             convert_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            executable = compile_module(mod, target)
+            executable = compile_module(mod, target, self.mode.quantized)
             compile_s = time.perf_counter() - t0
             artifacts.save(entry, executable, params, {
                 "convert_s": convert_s, "compile_s": compile_s, "tvm": tvm.__version__,
@@ -240,7 +252,8 @@ class MLCBackend(Backend):
             "quantization": {
                 "format": f"mlc-{mode.name}", "bits": mode.bits, "group_size": mode.group_size,
                 "scale_dtype": mode.scale_dtype, "storage": "uint32" if mode.quantized else mode.scale_dtype,
-                "layout": "KN (input-major), embedding and lm_head quantized too",
+                "layout": "KN (input-major)",
+                "embedding_and_lm_head": self.embed_mode.name,
                 "fused_dequantize_matmul": True,
             },
         }

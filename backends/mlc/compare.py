@@ -3,9 +3,9 @@
     python -m backends.mlc.compare --model smollm2-135m --variants q0f32,q4f16_1 [--data-dir DIR]
 
 For each backend: greedy agreement with ``hf:fp32`` on a fixed prompt (token for token), prefill
-throughput (tokens/s, one ``prompt_len``-token prompt, 1 new token, median of ``--repeats``), decode
+throughput (tokens/s, one ``prompt_len``-token prompt, 1 new token), decode
 throughput (tokens/s over ``new_tokens`` steps after a 128-token prompt: (n-1) / (t_last - t_first),
-median of ``--repeats``) and, given the shared data, perplexity on the first 1024 WikiText-2 test
+median of ``--repeats``, all backends loaded at once and timed in turn) and, given the shared data, perplexity on the first 1024 WikiText-2 test
 tokens (one window, n_context 0: PPL = exp(-mean logprob)). Timings on a shared CPU are noisy:
 compare ratios from one run, not absolute numbers across runs.
 """
@@ -26,17 +26,13 @@ from backends.models import load_tokenizer, resolve_model
 PROMPT = "The history of the city begins in the Middle Ages, when"
 
 
-def measure(backend, ids, prompt_len: int, new_tokens: int, repeats: int) -> dict:
-    long_prompt = [ids[i % len(ids)] for i in range(prompt_len)]
-    backend.generate([long_prompt[:16]], 4, min_new_tokens=4)  # warm-up
-    prefill, decode = [], []
-    for _ in range(repeats):
-        out = backend.generate([long_prompt], 1, min_new_tokens=1)
-        prefill.append(prompt_len / (out.step_times_s[0] - out.start_s))
-        out = backend.generate([long_prompt[:128]], new_tokens, min_new_tokens=new_tokens)
-        t = out.step_times_s
-        decode.append((len(t) - 1) / (t[-1] - t[0]))
-    return {"prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode)}
+def measure_once(backend, long_prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    """``(prefill tokens/s, decode tokens/s)`` from one prefill-only run and one decode run."""
+    out = backend.generate([long_prompt], 1, min_new_tokens=1)
+    prefill = len(long_prompt) / (out.step_times_s[0] - out.start_s)
+    out = backend.generate([long_prompt[:128]], new_tokens, min_new_tokens=new_tokens)
+    t = out.step_times_s
+    return prefill, (len(t) - 1) / (t[-1] - t[0])
 
 
 def main(argv=None) -> None:
@@ -57,7 +53,8 @@ def main(argv=None) -> None:
         text = (Path(args.data_dir) / "wikitext-2-raw-v1" / "test.txt").read_text()
         window = ScoringWindow(tuple(tokenizer(text, add_special_tokens=False)["input_ids"][:1024]), 0)
     options = dict(kv.split("=", 1) for kv in args.option)
-    rows = {}
+    long_prompt = [prompt[i % len(prompt)] for i in range(args.prompt_len)]
+    rows, backends = {}, {}
     reference = None
     for name, variant in [("hf", "fp32")] + [("mlc", v) for v in args.variants.split(",") if v]:
         backend = backend_class(name)(variant, options if name == "mlc" else {})
@@ -72,11 +69,20 @@ def main(argv=None) -> None:
             lp = backend.loglikelihood([window])[0]
             row["ppl"] = float(np.exp(-lp.mean()))
             row["ppl_s"] = time.perf_counter() - t0
-        row.update(measure(backend, prompt, args.prompt_len, args.new_tokens, args.repeats))
-        rows[backend.label] = row
-        backend.close()
-        print(backend.label, json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
-                                         if k != "artifact_dir"}), flush=True)
+        backend.generate([long_prompt[:16]], 4, min_new_tokens=4)  # warm-up
+        rows[backend.label], backends[backend.label] = row, backend
+    # timings interleaved across backends, so that load changes hit every row alike
+    samples = {label: ([], []) for label in rows}
+    for _ in range(args.repeats):
+        for label, backend in backends.items():
+            prefill, decode = measure_once(backend, long_prompt, args.new_tokens)
+            samples[label][0].append(prefill)
+            samples[label][1].append(decode)
+    for label, row in rows.items():
+        row["prefill_tok_s"] = statistics.median(samples[label][0])
+        row["decode_tok_s"] = statistics.median(samples[label][1])
+        print(label, json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                                 if k != "artifact_dir"}), flush=True)
     base = rows["hf:fp32"]
     for label, row in rows.items():
         print(f"{label:14s} ppl={row.get('ppl', float('nan')):.3f} prefill={row['prefill_tok_s']:.1f} tok/s "

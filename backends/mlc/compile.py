@@ -36,8 +36,12 @@ def target_key(target) -> str:
     return f"llvm-{target.attrs.get('mcpu', '')}"
 
 
-def relax_pipeline(target):
-    """TVM's default Relax pipeline for ``target`` with this backend's scheduling after FuseTIR."""
+def relax_pipeline(target, gpu_matmul_rule: bool = True):
+    """TVM's default Relax pipeline for ``target`` with this backend's scheduling after FuseTIR.
+
+    ``gpu_matmul_rule=False`` leaves dlight's ``gpu.Matmul`` out: in TVM 0.27 it segfaults (in
+    ``Tensorize``) on the unquantized fp16 model, whose matmuls then get the GEMV/fallback rules.
+    """
     import tvm
     from tvm import relax
 
@@ -45,8 +49,8 @@ def relax_pipeline(target):
         from tvm.relax.backend.cuda import pipeline as base
         from tvm.s_tir import dlight as dl
 
-        schedule = [dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                            dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
+        rules = [dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+        schedule = [dl.ApplyDefaultSchedule(*([dl.gpu.Matmul()] if gpu_matmul_rule else []), *rules)]
     else:
         from tvm.relax.backend.cpu_generic import pipeline as base
 
@@ -73,8 +77,8 @@ def relax_pipeline(target):
     return _pipeline
 
 
-def compile_module(mod, target):
+def compile_module(mod, target, quantized: bool = True):
     """``tvm.compile`` the exported IRModule for ``target``; returns the VM executable."""
     import tvm
 
-    return tvm.compile(mod, target, relax_pipeline=relax_pipeline(target))
+    return tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, gpu_matmul_rule=quantized))

@@ -40,17 +40,18 @@ def linear_params(name: str, weight: np.ndarray, mode: QuantMode) -> dict[str, n
 
 
 def convert(tensors: dict[str, np.ndarray], cfg: LlamaConfig, mode: QuantMode, dtype: str,
-            names: Iterable[str]) -> dict[str, np.ndarray]:
-    """Parameters for ``build_model(cfg, mode, dtype)``, keyed by its parameter names.
+            names: Iterable[str], embed_mode: QuantMode | None = None) -> dict[str, np.ndarray]:
+    """Parameters for ``build_model(cfg, mode, dtype, embed_mode)``, keyed by its parameter names.
 
     Raises:
         KeyError: the checkpoint lacks a tensor the model needs, or ``names`` holds one this
             conversion does not produce.
     """
     t = {k.removeprefix("model."): v for k, v in tensors.items()}
-    out = linear_params("embed_tokens", t["embed_tokens.weight"], mode)
+    embed_mode = embed_mode or mode
+    out = linear_params("embed_tokens", t["embed_tokens.weight"], embed_mode)
     if not cfg.tie_word_embeddings:
-        out.update(linear_params("lm_head", tensors["lm_head.weight"], mode))
+        out.update(linear_params("lm_head", tensors["lm_head.weight"], embed_mode))
     out["norm.weight"] = t["norm.weight"].astype(dtype)
     for i in range(cfg.num_hidden_layers):
         p = f"layers.{i}."

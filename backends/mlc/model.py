@@ -87,14 +87,20 @@ class LlamaConfig:
         )
 
 
-def build_model(cfg: LlamaConfig, mode: QuantMode, dtype: str):
+def build_model(cfg: LlamaConfig, mode: QuantMode, dtype: str, embed_mode: QuantMode | None = None):
     """The ``nn.Module`` for ``cfg`` with weights in ``mode``, activations and KV cache in ``dtype``
-    (``"float32"`` or ``"float16"``). Imports TVM."""
+    (``"float32"`` or ``"float16"``); the embedding and ``lm_head`` in ``embed_mode`` (default
+    ``mode``, as MLC-LLM quantizes them too). Imports TVM."""
+    embed_mode = embed_mode or mode
     from tvm import te, tirx
     from tvm.relax.frontend import nn
     from tvm.relax.frontend.nn import Tensor, op
 
-    def weight_expr(params, k, j):
+    # While tracing ``decode`` the linear layers are emitted as "qmv" (rows = batch, usually 1) so
+    # the scheduler gives them a GEMV schedule, and the prefill/score ones as "qmm" (GEMM tiles).
+    tracing = {"decode": False}
+
+    def weight_expr(params, k, j, mode):
         """The dequantized weight element ``W[j, k]`` (torch layout), as float32 expression."""
         if not mode.quantized:
             return params[0][k, j].astype("float32")
@@ -106,17 +112,18 @@ def build_model(cfg: LlamaConfig, mode: QuantMode, dtype: str):
     class QuantLinear(nn.Module):
         """``y[n, N] = x[n, K] @ W.T`` with ``W`` stored per ``mode`` (see ``quant.py``)."""
 
-        def __init__(self, in_features: int, out_features: int):
+        def __init__(self, in_features: int, out_features: int, wmode: QuantMode = mode):
             self.in_features, self.out_features = in_features, out_features
-            if mode.quantized:
-                (wk, wn), (sk, sn) = mode.packed_shape(in_features, out_features)
+            self.mode = wmode
+            if wmode.quantized:
+                (wk, wn), (sk, sn) = wmode.packed_shape(in_features, out_features)
                 self.q_weight = nn.Parameter((wk, wn), "uint32")
-                self.q_scale = nn.Parameter((sk, sn), mode.scale_dtype)
+                self.q_scale = nn.Parameter((sk, sn), wmode.scale_dtype)
             else:
-                self.weight = nn.Parameter((in_features, out_features), mode.scale_dtype)
+                self.weight = nn.Parameter((in_features, out_features), wmode.scale_dtype)
 
         def params(self):
-            return [self.q_weight, self.q_scale] if mode.quantized else [self.weight]
+            return [self.q_weight, self.q_scale] if self.mode.quantized else [self.weight]
 
         def forward(self, x: Tensor) -> Tensor:
             lead = list(x.shape[:-1])
@@ -124,30 +131,31 @@ def build_model(cfg: LlamaConfig, mode: QuantMode, dtype: str):
             for dim in lead:
                 rows = rows * dim
             x2 = op.reshape(x, [rows, self.in_features])
-            kdim, ndim = self.in_features, self.out_features
+            kdim, ndim, wmode = self.in_features, self.out_features, self.mode
+            block = "qmv" if tracing["decode"] else "qmm"
 
             def compute(xt, *ps):
                 r = te.reduce_axis((0, kdim), name="k")
                 acc = te.compute(
                     (xt.shape[0], ndim),
-                    lambda i, j: te.sum(xt[i, r].astype("float32") * weight_expr(ps, r, j), axis=r),
-                    name="qmm",
+                    lambda i, j: te.sum(xt[i, r].astype("float32") * weight_expr(ps, r, j, wmode), axis=r),
+                    name=block,
                 )
                 if dtype == "float32":
                     return acc
                 return te.compute(acc.shape, lambda i, j: acc[i, j].astype(dtype), name="qmm_cast")
 
-            y = op.tensor_expr_op(compute, "qmm", [x2, *self.params()])
+            y = op.tensor_expr_op(compute, block, [x2, *self.params()])
             return op.reshape(y, lead + [ndim])
 
         def gather_rows(self, ids: Tensor) -> Tensor:
             """Embedding lookup: rows ``W[ids]`` ``[n, in_features]`` of the (vocab-major) table."""
-            kdim = self.in_features
+            kdim, wmode = self.in_features, self.mode
 
             def compute(idt, *ps):
                 return te.compute(
                     (idt.shape[0], kdim),
-                    lambda i, k: weight_expr(ps, k, idt[i]).astype(dtype),
+                    lambda i, k: weight_expr(ps, k, idt[i], wmode).astype(dtype),
                     name="embed",
                 )
 
@@ -192,11 +200,11 @@ def build_model(cfg: LlamaConfig, mode: QuantMode, dtype: str):
     class LlamaForCausalLM(nn.Module):
         def __init__(self):
             # The embedding table [V, H] is a linear weight with N = V, K = H.
-            self.embed_tokens = QuantLinear(cfg.hidden_size, cfg.vocab_size)
+            self.embed_tokens = QuantLinear(cfg.hidden_size, cfg.vocab_size, embed_mode)
             self.layers = nn.ModuleList([Layer(i) for i in range(cfg.num_hidden_layers)])
             self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
             if not cfg.tie_word_embeddings:
-                self.lm_head = QuantLinear(cfg.hidden_size, cfg.vocab_size)
+                self.lm_head = QuantLinear(cfg.hidden_size, cfg.vocab_size, embed_mode)
 
         def _head(self, h: Tensor) -> Tensor:
             head = self.embed_tokens if cfg.tie_word_embeddings else self.lm_head
@@ -216,7 +224,11 @@ def build_model(cfg: LlamaConfig, mode: QuantMode, dtype: str):
             return self._head(last), kv
 
         def decode(self, ids: Tensor, kv):
-            return self._head(self._body(ids, kv)), kv
+            tracing["decode"] = True
+            try:
+                return self._head(self._body(ids, kv)), kv
+            finally:
+                tracing["decode"] = False
 
         def score(self, ids: Tensor, kv):
             return self._head(self._body(ids, kv)), kv

@@ -10,8 +10,11 @@ after ``FuseTIR``:
   ``TI x VJ`` accumulator tile held in registers (``cache_write`` to ``local``), ``k`` innermost
   but one, so each weight vector is loaded/unpacked once and FMA'd into ``TI`` rows
   (a register-blocked GEMM; with one row (decode) it is a vectorised GEMV).
-* every other non-scheduled block: its outermost spatial loop parallelised and its innermost
-  spatial loop (where constant) vectorised.
+* ``qmv`` blocks (the same layers traced for ``decode``): the GEMV form of the above, one row
+  at a time with a ``1 x VJ`` register accumulator.
+* every other non-scheduled block (norms, elementwise, embedding gather): its outermost spatial
+  loop parallelised. The paged KV cache's own attention kernels are left as TVM ships them
+  (scalar, single-threaded; replacing them is the follow-up issue on compiled-backend speed).
 It also sets ``tirx.noalias`` on every PrimFunc: one function without it made LLVM codegen of the
 whole module slower (notes/tvm-0.27.md).
 """
@@ -37,26 +40,33 @@ def _schedule_qmm(sch, block) -> None:
     sch.vectorize(sch.get_loops(acc)[-1])
 
 
-def _schedule_generic(sch, block) -> None:
-    """Parallel outermost spatial loop; vectorise a constant-extent innermost spatial loop."""
-    from tvm import tirx
+def _schedule_qmv(sch, block) -> None:
+    """Decode GEMV: one row at a time, ``VJ`` output columns accumulated in registers."""
+    i, j, k = sch.get_loops(block)
+    jo, ji = sch.split(j, [None, VJ])
+    sch.reorder(jo, i, k, ji)
+    acc = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(acc, i)
+    sch.parallel(jo)
+    sch.vectorize(ji)
+    init = sch.decompose_reduction(block, k)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(acc)[-1])
 
+
+def _schedule_generic(sch, block) -> None:
+    """Parallelise the outermost loop where it is a spatial (data-parallel) loop.
+
+    Inner loops are left to LLVM's own vectoriser: forcing ``vectorize`` on the legalized
+    elementwise/norm blocks crashed LLVM in TVM 0.27 ("Cannot implicitly convert a scalable
+    size"). These blocks are O(rows x hidden), a small share of the time next to the matmuls.
+    """
     loops = sch.get_loops(block)
-    if not loops:
-        return
-    iters = sch.get(block).iter_vars
-    spatial = all(iv.iter_type == tirx.IterVar.DataPar for iv in iters)
-    try:
-        sch.parallel(loops[0])
-    except Exception:  # not a spatial outer loop (e.g. a reduction): leave it
-        pass
-    if spatial and len(loops) > 1:
-        extent = sch.get(loops[-1]).extent
-        if False and isinstance(extent, tirx.IntImm) and extent.value % 8 == 0:
-            try:
-                sch.vectorize(loops[-1])
-            except Exception:
-                pass
+    if loops:
+        try:
+            sch.parallel(loops[0])
+        except Exception:  # noqa: BLE001 - a reduction or dependent outer loop stays serial
+            pass
 
 
 def schedule_primfunc(func):
@@ -79,6 +89,8 @@ def schedule_primfunc(func):
             continue
         if name == "qmm":
             _schedule_qmm(sch, block)
+        elif name == "qmv":
+            _schedule_qmv(sch, block)
         elif len(sch.get_loops(block)) > 0 and name not in ("attn",):
             _schedule_generic(sch, block)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
