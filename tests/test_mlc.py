@@ -142,15 +142,16 @@ def test_prefill_and_decode_logits_match_transformers(mlc_f32, hf_tiny):
     np.testing.assert_allclose(np.array(got), ref, atol=1e-4, rtol=1e-4)
 
 
-def test_quantized_kernels_equal_numpy_fake_quantized_transformers(mlc_q4, mlc_f32, tiny_model):
+@pytest.mark.parametrize("variant", ["q4f16_1", "q3f16_1"])
+def test_quantized_kernels_equal_numpy_fake_quantized_transformers(variant, mlc_q4, mlc_f32, tiny_model):
     """The fused dequantize-matmul computes exactly what the numpy reference's weights give."""
     import torch
 
     from backends.models import TorchLoadOptions, load_causal_lm
 
-    backend, report = mlc_q4
+    backend, report = mlc_q4 if variant == "q4f16_1" else _mlc(tiny_model, variant)
     model = load_causal_lm(tiny_model, TorchLoadOptions())
-    mode = MODES["q4f16_1"]
+    mode = MODES[variant]
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
@@ -158,8 +159,9 @@ def test_quantized_kernels_equal_numpy_fake_quantized_transformers(mlc_q4, mlc_f
     ids = list(range(1000, 1030))
     ours = backend.loglikelihood([ScoringWindow(tuple(ids), 0)])[0]
     np.testing.assert_allclose(ours, _logprobs(_hf_logits(model, ids), ids), atol=2e-4)
-    # 4 bits + one fp16 scale per 32 weights (norm weights stay fp32): ~14% of fp32
-    assert report.weight_bytes < 0.16 * mlc_f32[1].weight_bytes
+    # one uint32 per per_word weights + one fp16 scale per group (norms stay fp32), vs 4 bytes
+    ratio = (4 / mode.per_word + 2 / mode.group_size) / 4
+    assert report.weight_bytes < (ratio + 0.02) * mlc_f32[1].weight_bytes
 
 
 def test_paged_cache_several_sequences_equal_one_at_a_time(mlc_f32):

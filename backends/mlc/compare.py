@@ -35,6 +35,26 @@ def measure_once(backend, long_prompt: list[int], new_tokens: int) -> tuple[floa
     return prefill, (len(t) - 1) / (t[-1] - t[0])
 
 
+def fake_quant_ppl(spec, mode_name: str, window: ScoringWindow, embeddings: bool) -> float:
+    """Perplexity of transformers fp32 with weights replaced by ``quant.fake_quantize`` (numpy
+    reference), to tell the format's cost from the compiled kernels' (linear layers, and the
+    embedding / tied lm_head when ``embeddings``)."""
+    import torch
+
+    from backends.mlc.quant import MODES, fake_quantize
+
+    backend = backend_class("hf")("fp32", {"device": "cpu"})
+    backend.load(spec)
+    kinds = (torch.nn.Linear, torch.nn.Embedding) if embeddings else (torch.nn.Linear,)
+    with torch.no_grad():
+        for name, module in backend.model.named_modules():
+            if isinstance(module, kinds) and (embeddings or name != "lm_head"):
+                module.weight.copy_(torch.from_numpy(fake_quantize(module.weight.numpy(), MODES[mode_name])))
+    ppl = float(np.exp(-backend.loglikelihood([window])[0].mean()))
+    backend.close()
+    return ppl
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -44,6 +64,8 @@ def main(argv=None) -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--option", action="append", default=[], help="mlc option key=value")
+    parser.add_argument("--fake-quant", default="", help="modes whose transformers fake-quantized "
+                        "perplexity to report (needs --data-dir), then exit")
     args = parser.parse_args(argv)
     spec = resolve_model(args.model)
     tokenizer = load_tokenizer(spec)
@@ -52,6 +74,12 @@ def main(argv=None) -> None:
     if args.data_dir:
         text = (Path(args.data_dir) / "wikitext-2-raw-v1" / "test.txt").read_text()
         window = ScoringWindow(tuple(tokenizer(text, add_special_tokens=False)["input_ids"][:1024]), 0)
+    if args.fake_quant and window is not None:
+        for mode_name in args.fake_quant.split(","):
+            for embeddings in (False, True):
+                print(f"hf-fake-quant {mode_name} {'linear+embedding' if embeddings else 'linear only'}: "
+                      f"ppl={fake_quant_ppl(spec, mode_name, window, embeddings):.3f}", flush=True)
+        return
     options = dict(kv.split("=", 1) for kv in args.option)
     long_prompt = [prompt[i % len(prompt)] for i in range(args.prompt_len)]
     rows, backends = {}, {}
