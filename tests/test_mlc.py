@@ -125,6 +125,16 @@ def test_q0f32_greedy_equals_transformers_batched(mlc_f32, hf_tiny):
     assert np.all(np.diff(out.step_times_s) >= 0)
 
 
+def test_stop_tokens_end_a_sequence_and_min_new_tokens_suppresses_them(mlc_f32, hf_tiny):
+    backend, _ = mlc_f32
+    free = backend.generate(PROMPTS[:1], 6, min_new_tokens=6).token_ids[0]
+    stopped = backend.generate(PROMPTS[:1], 6, stop_token_ids=[free[0]])
+    assert stopped.token_ids[0] == free[:1] and stopped.n_steps == 1
+    forced = backend.generate(PROMPTS[:1], 6, min_new_tokens=3, stop_token_ids=[free[0]])
+    ref = hf_tiny.generate(PROMPTS[:1], 6, min_new_tokens=3, stop_token_ids=[free[0]])
+    assert forced.token_ids == ref.token_ids and len(forced.token_ids[0]) >= 3
+
+
 def test_prefill_and_decode_logits_match_transformers(mlc_f32, hf_tiny):
     """Prefill logits at the prompt's end and each decode step's logits, vs a full forward pass."""
     backend, _ = mlc_f32

@@ -200,8 +200,9 @@ class MLCBackend(Backend):
             raise BackendError(f"{self.label}: batch {len(prompts)} exceeds max_batch {self.kv_options.max_batch}")
         stops = set(self._eos) | {int(t) for t in stop_token_ids}
         try:
+            # like transformers' min_new_tokens, every stop token is suppressed before the minimum
             tokens, start, steps, extra = self.session.generate(
-                prompts, max_new_tokens, min_new_tokens or 0, stops, self._eos)
+                prompts, max_new_tokens, min_new_tokens or 0, stops, sorted(stops))
         except ValueError as exc:
             raise BackendError(f"{self.label}: {exc}") from None
         return GenerationOutput(tokens, start, steps, extra)

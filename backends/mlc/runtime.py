@@ -196,7 +196,8 @@ class Session:
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, min_new_tokens: int,
                  stop_ids: set[int], eos_ids: Sequence[int]):
-        """Batched greedy decoding. Returns ``(tokens per prompt, start_s, step_times_s, extra)``
+        """Batched greedy decoding: a sequence stops after emitting a token of ``stop_ids``; the
+        tokens ``eos_ids`` are masked out while fewer than ``min_new_tokens`` exist. Returns ``(tokens per prompt, start_s, step_times_s, extra)``
         with ``perf_counter`` stamps taken when each step's tokens are on the host."""
         o = self.kv_options
         longest = max(len(p) for p in prompts) + max_new_tokens
