@@ -17,9 +17,19 @@ from typing import Any, Sequence
 import numpy as np
 
 from backends.base import Availability, Backend, BackendError, GenerationOutput, LoadReport, ScoringWindow
-from backends.hf.backend import cpu_flags, default_device
+from backends.hf.backend import cpu_flags
 from backends.models import ModelError, ModelSpec, checkpoint_dir, prepare_seconds
 from backends.mlc.quant import MODES
+
+def tvm_default_device() -> str:
+    """``"cuda"`` when TVM's own runtime sees a CUDA device (independent of whether torch is a CPU
+    build), else ``"cpu"``; ``"cpu"`` too when TVM is not installed."""
+    if importlib.util.find_spec("tvm") is None:
+        return "cpu"
+    import tvm
+
+    return "cuda" if tvm.cuda(0).exist else "cpu"
+
 
 _INT_OPTIONS = ("context_window", "prefill_chunk", "sliding_window", "attention_sink", "max_batch")
 
@@ -51,7 +61,7 @@ class MLCBackend(Backend):
 
     def __init__(self, variant: str, options: dict[str, Any] | None = None):
         super().__init__(variant, options)
-        self.device = self.options.get("device") or default_device()
+        self.device = self.options.get("device") or tvm_default_device()
         if self.device not in ("cpu", "cuda"):
             raise BackendError(f"{self.label}: device must be cpu or cuda, got {self.device!r}")
         self.mode = MODES.get(variant)

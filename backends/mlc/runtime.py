@@ -105,8 +105,7 @@ class Session:
         return total * self.kv_bytes_per_token
 
     def add_sequence(self, kv, seq_id: int) -> None:
-        from tvm.runtime import ShapeTuple  # noqa: F401
-
+        """Register a new, empty sequence (with the sliding window / sink when configured)."""
         self._add(kv, seq_id)
         self._lengths[seq_id] = 0
         o = self.kv_options
