@@ -202,6 +202,7 @@ REGISTRY: dict[str, str] = {
     "hf": "backends.hf.backend:TransformersBackend",
     "bnb": "backends.hf_bnb.backend:BitsAndBytesBackend",
     "kvq": "backends.kvq.backend:KVQuantBackend",
+    "mlc": "backends.mlc.backend:MLCBackend",
 }
 
 

@@ -1,0 +1,84 @@
+"""Compilation: target detection, the Relax pipeline with this backend's schedules, export.
+
+The pipeline is TVM's per-target default (``relax.backend.{cpu_generic,cuda}``: legalize, fuse,
+lower, plan memory) with one scheduling step after ``FuseTIR``: on CUDA the stock dlight GPU rules
+(as MLC-LLM does); on CPU ``schedules.cpu_schedule_pass`` (vectorised, parallel kernels; TVM's
+stock CPU pipeline schedules nothing and runs every kernel as a serial scalar loop).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def make_target(device: str, threads: int | None = None):
+    """A ``tvm.target.Target`` for ``"cpu"`` (LLVM, host CPU features) or ``"cuda"`` (this GPU's arch).
+
+    String targets with ``-mcpu`` are rejected by TVM 0.27, so the target is built from a dict.
+    """
+    import tvm
+    from tvm.target import Target
+
+    host = {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
+            "num-cores": int(threads or os.cpu_count() or 1)}
+    if device == "cuda":
+        # QUANTARENA_CUDA_ARCH (e.g. sm_90) cross-compiles on a machine without the GPU
+        arch = os.environ.get("QUANTARENA_CUDA_ARCH") or "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+        return Target({"kind": "cuda", "arch": arch}, host=host)
+    return Target(host)
+
+
+def target_key(target) -> str:
+    """A short stable description of a target for cache keys and ``info()``."""
+    kind = target.kind.name
+    if kind == "cuda":
+        return f"cuda-{target.attrs.get('arch', '')}"
+    return f"llvm-{target.attrs.get('mcpu', '')}"
+
+
+def relax_pipeline(target, gpu_matmul_rule: bool = True):
+    """TVM's default Relax pipeline for ``target`` with this backend's scheduling after FuseTIR.
+
+    ``gpu_matmul_rule=False`` leaves dlight's ``gpu.Matmul`` out: in TVM 0.27 it segfaults (in
+    ``Tensorize``) on the unquantized fp16 model, whose matmuls then get the GEMV/fallback rules.
+    """
+    import tvm
+    from tvm import relax
+
+    if target.kind.name == "cuda":
+        from tvm.relax.backend.cuda import pipeline as base
+        from tvm.s_tir import dlight as dl
+
+        rules = [dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+        schedule = [dl.ApplyDefaultSchedule(*([dl.gpu.Matmul()] if gpu_matmul_rule else []), *rules)]
+    else:
+        from tvm.relax.backend.cpu_generic import pipeline as base
+
+        from backends.mlc.schedules import cpu_schedule_pass
+
+        schedule = [cpu_schedule_pass()]
+    legalize = [
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod, _ctx):
+        with target:
+            seq = tvm.transform.Sequential(
+                base.library_dispatch_passes(target) + legalize + schedule
+                + base.dataflow_lower_passes(target) + base.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _pipeline
+
+
+def compile_module(mod, target, quantized: bool = True):
+    """``tvm.compile`` the exported IRModule for ``target``; returns the VM executable."""
+    import tvm
+
+    return tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, gpu_matmul_rule=quantized))

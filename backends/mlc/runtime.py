@@ -1,0 +1,239 @@
+"""The run-time loop: a Relax VM over the compiled library, TVM's paged KV cache, greedy decoding.
+
+Protocol of one step, as MLC-LLM's engine drives the cache (``vm.builtin.kv_state_*``):
+``begin_forward(kv, seq_ids, lengths)`` -> ``prefill``/``decode``/``score`` -> ``end_forward(kv)``.
+Sequences are added before their prefill and removed when finished, so the cache holds only live
+sequences' pages.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class KVOptions:
+    """Paged KV cache settings (tokens throughout).
+
+    Attributes:
+        context_window: the most tokens one sequence may hold (prompt + generated); 0 = model max.
+        prefill_chunk: the most tokens one prefill call processes (longer inputs are chunked).
+        page_size: tokens per KV page (fixed at 16: other sizes fail a layout check in TVM 0.27).
+        sliding_window: keep only the last this-many tokens' KV per sequence (0 = off).
+        attention_sink: with a sliding window, also keep the first this-many tokens (StreamingLLM).
+        max_batch: the most sequences the cache is created for.
+    """
+
+    context_window: int = 2048
+    prefill_chunk: int = 1024
+    page_size: int = 16
+    sliding_window: int = 0
+    attention_sink: int = 0
+    max_batch: int = 8
+
+
+def _func(name: str):
+    import tvm
+
+    return tvm.get_global_func(name)
+
+
+class Session:
+    """A loaded compiled model on one device.
+
+    Args:
+        library: the loaded ``tvm.runtime.Module`` (VM executable library).
+        params: parameters in the order of the export (numpy arrays).
+        device: ``"cpu"`` or ``"cuda"``.
+        kv_bytes_per_token: KV bytes per token over all layers (K and V), for cache accounting.
+    """
+
+    def __init__(self, library, params: Sequence[np.ndarray], device: str, kv: KVOptions,
+                 kv_bytes_per_token: int):
+        import tvm
+        from tvm.runtime.vm import VirtualMachine  # = relax.VirtualMachine; also in runtime-only TVM
+
+        self.dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
+        self.vm = VirtualMachine(library, self.dev)
+        self.params = [tvm.runtime.tensor(p, self.dev) for p in params]
+        self.kv_options = kv
+        self.kv_bytes_per_token = kv_bytes_per_token
+        self._cache = None
+        self._cache_capacity = (0, 0)
+        self._lengths: dict[int, int] = {}
+        self._f = {name: self.vm[name] for name in ("prefill", "decode", "score", "create_tir_paged_kv_cache")}
+        self._add = _func("vm.builtin.kv_state_add_sequence")
+        self._remove = _func("vm.builtin.kv_state_remove_sequence")
+        self._begin = _func("vm.builtin.kv_state_begin_forward")
+        self._end = _func("vm.builtin.kv_state_end_forward")
+        self._sliding = _func("vm.builtin.attention_kv_cache_enable_sliding_window_for_seq")
+
+    # --- cache ----------------------------------------------------------------------------
+    def cache(self, batch: int, total_tokens: int):
+        """A paged KV cache for ``batch`` sequences and ``total_tokens`` tokens, reused while it is
+        large enough (created outside any timed region by the callers)."""
+        from tvm.runtime import ShapeTuple
+
+        o = self.kv_options
+        if batch > self._cache_capacity[0] or total_tokens > self._cache_capacity[1]:
+            capacity = (max(batch, o.max_batch), max(total_tokens, self._cache_capacity[1]))
+            self._cache = None
+            self._cache = self._f["create_tir_paged_kv_cache"](
+                ShapeTuple([capacity[0]]), ShapeTuple([capacity[1]]), ShapeTuple([o.prefill_chunk]),
+                ShapeTuple([o.page_size]), ShapeTuple([1 if o.sliding_window else 0]))
+            self._cache_capacity = capacity
+            self._lengths = {}
+        return self._cache
+
+    @property
+    def reserved_kv_bytes(self) -> int:
+        """Bytes the current cache preallocated (all pages of all layers)."""
+        pages = -(-self._cache_capacity[1] // self.kv_options.page_size)
+        return pages * self.kv_options.page_size * self.kv_bytes_per_token
+
+    def used_kv_bytes(self) -> int:
+        """Bytes of the pages live sequences occupy (K and V, every layer)."""
+        o = self.kv_options
+        total = 0
+        for length in self._lengths.values():
+            held = min(length, o.sliding_window + o.attention_sink) if o.sliding_window else length
+            total += -(-held // o.page_size) * o.page_size
+        return total * self.kv_bytes_per_token
+
+    def add_sequence(self, kv, seq_id: int) -> None:
+        """Register a new, empty sequence (with the sliding window / sink when configured)."""
+        self._add(kv, seq_id)
+        self._lengths[seq_id] = 0
+        o = self.kv_options
+        if o.sliding_window:
+            self._sliding(kv, seq_id, o.sliding_window, o.attention_sink)
+
+    def remove_sequence(self, kv, seq_id: int) -> None:
+        self._remove(kv, seq_id)
+        self._lengths.pop(seq_id, None)
+
+    def _forward(self, name: str, kv, seq_ids: list[int], lengths: list[int], *args):
+        import tvm
+        from tvm.runtime import ShapeTuple
+
+        self._begin(kv, ShapeTuple(seq_ids), ShapeTuple(lengths))
+        out = self._f[name](*args, kv, self.params)
+        self._end(kv)
+        for sid, n in zip(seq_ids, lengths):
+            self._lengths[sid] += n
+        return out[0] if not isinstance(out, tvm.runtime.Tensor) else out
+
+    def _ids(self, ids, shape):
+        import tvm
+
+        return tvm.runtime.tensor(np.asarray(ids, dtype=np.int32).reshape(shape), self.dev)
+
+    # --- model calls ----------------------------------------------------------------------
+    def prefill(self, kv, prompts: dict[int, Sequence[int]]) -> dict[int, np.ndarray]:
+        """Prefill every sequence of ``prompts`` (seq id -> tokens), in chunks of at most
+        ``prefill_chunk`` tokens, several sequences per call. Returns seq id -> float32 logits ``[V]``
+        at its last prompt token."""
+        chunk = self.kv_options.prefill_chunk
+        remaining = {sid: list(tokens) for sid, tokens in prompts.items()}
+        logits: dict[int, np.ndarray] = {}
+        while any(remaining.values()):
+            seq_ids, lengths, ids, finished, positions = [], [], [], [], []
+            budget = chunk
+            for sid, rest in remaining.items():
+                if not rest or budget == 0:
+                    continue
+                take = min(budget, len(rest))
+                seq_ids.append(sid)
+                lengths.append(take)
+                ids.extend(rest[:take])
+                remaining[sid] = rest[take:]
+                budget -= take
+                positions.append(len(ids) - 1)
+                finished.append(not remaining[sid])
+            out = self._forward("prefill", kv, seq_ids, lengths, self._ids(ids, (1, -1)),
+                                self._ids(positions, (-1,))).numpy()[0]
+            for row, (sid, done) in enumerate(zip(seq_ids, finished)):
+                if done:
+                    logits[sid] = out[row]
+        return logits
+
+    def decode(self, kv, tokens: dict[int, int]) -> dict[int, np.ndarray]:
+        """One decoding step for each sequence (seq id -> its last token); float32 logits ``[V]`` each."""
+        seq_ids = list(tokens)
+        out = self._forward("decode", kv, seq_ids, [1] * len(seq_ids),
+                            self._ids([tokens[s] for s in seq_ids], (-1, 1))).numpy()
+        return {sid: out[row, 0] for row, sid in enumerate(seq_ids)}
+
+    def score(self, token_ids: Sequence[int], first_scored: int) -> np.ndarray:
+        """``log p(token_ids[i] | token_ids[:i])`` for ``i >= first_scored``, float64 ``[n - first_scored]``,
+        from full-sequence logits computed chunk by chunk through the KV cache."""
+        n = len(token_ids)
+        kv = self.cache(1, -(-n // self.kv_options.page_size) * self.kv_options.page_size)
+        sid = 1 << 20
+        self.add_sequence(kv, sid)
+        picked = []
+        try:
+            chunk = self.kv_options.prefill_chunk
+            for start in range(0, n - 1, chunk):
+                stop = min(start + chunk, n - 1)  # positions start..stop-1 predict start+1..stop
+                logits = self._forward("score", kv, [sid], [stop - start],
+                                       self._ids(token_ids[start:stop], (1, -1))).numpy()[0]
+                for lo in range(0, stop - start, 128):
+                    block = logits[lo:lo + 128].astype(np.float64)
+                    block -= block.max(axis=-1, keepdims=True)
+                    lse = np.log(np.exp(block).sum(axis=-1))
+                    pos = np.arange(start + lo, start + lo + len(block))
+                    targets = np.asarray(token_ids, dtype=np.int64)[pos + 1]
+                    picked.append(block[np.arange(len(block)), targets] - lse)
+        finally:
+            self.remove_sequence(kv, sid)
+        return np.concatenate(picked)[first_scored - 1:] if picked else np.zeros(0)
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, min_new_tokens: int,
+                 stop_ids: set[int], eos_ids: Sequence[int]):
+        """Batched greedy decoding: a sequence stops after emitting a token of ``stop_ids``; the
+        tokens ``eos_ids`` are masked out while fewer than ``min_new_tokens`` exist. Returns ``(tokens per prompt, start_s, step_times_s, extra)``
+        with ``perf_counter`` stamps taken when each step's tokens are on the host."""
+        o = self.kv_options
+        longest = max(len(p) for p in prompts) + max_new_tokens
+        if o.context_window and longest > o.context_window and not o.sliding_window:
+            raise ValueError(f"prompt + max_new_tokens = {longest} exceeds context_window {o.context_window}")
+        page = o.page_size
+        kv = self.cache(len(prompts), sum(-(-(len(p) + max_new_tokens) // page) * page for p in prompts))
+        ids = list(range(len(prompts)))
+        for sid in ids:
+            self.add_sequence(kv, sid)
+        out: dict[int, list[int]] = {sid: [] for sid in ids}
+        steps: list[float] = []
+        extra: dict[str, int] = {}
+        eos = np.asarray(list(eos_ids), dtype=np.int64)
+        try:
+            start = time.perf_counter()
+            logits = self.prefill(kv, {sid: prompts[sid] for sid in ids})
+            extra["kv_cache_bytes_prefill"] = self.used_kv_bytes()
+            live = list(ids)
+            while live:
+                step = len(out[live[0]])
+                nxt = {}
+                for sid in live:
+                    row = logits[sid]
+                    if step < min_new_tokens and len(eos):
+                        row = row.copy()
+                        row[eos] = -np.inf
+                    token = int(np.argmax(row))
+                    out[sid].append(token)
+                    nxt[sid] = token
+                steps.append(time.perf_counter())
+                live = [s for s in live if nxt[s] not in stop_ids and len(out[s]) < max_new_tokens]
+                if live:
+                    logits = self.decode(kv, {s: nxt[s] for s in live})
+            extra["kv_cache_bytes"] = self.used_kv_bytes()
+            extra["kv_cache_reserved_bytes"] = self.reserved_kv_bytes
+        finally:
+            for sid in ids:
+                self.remove_sequence(kv, sid)
+        return [out[s] for s in ids], start, steps, extra

@@ -1,0 +1,111 @@
+"""CPU schedules for the compiled Llama: vectorised, multi-threaded kernels.
+
+TVM's stock CPU Relax pipeline schedules no TIR (every kernel is a serial scalar loop nest, about
+1 token/s on SmolLM2) and dlight's CPU rules have no matmul rule. This pass schedules each PrimFunc
+after ``FuseTIR``:
+
+* ``qmm`` blocks (every linear layer, dequantization fused in; ``model.QuantLinear``), loops
+  ``(i rows, j output columns, k reduction)`` over a "KN" weight:
+  ``j`` split into ``VJ``-wide vector tiles (parallel over tiles), ``i`` into ``TI`` rows, the
+  ``TI x VJ`` accumulator tile held in registers (``cache_write`` to ``local``), ``k`` innermost
+  but one, so each weight vector is loaded/unpacked once and FMA'd into ``TI`` rows
+  (a register-blocked GEMM; with one row (decode) it is a vectorised GEMV).
+* ``qmv`` blocks (the same layers traced for ``decode``): the GEMV form of the above, one row
+  at a time with a ``1 x VJ`` register accumulator.
+* every other non-scheduled block (norms, elementwise, embedding gather): its outermost spatial
+  loop parallelised. The paged KV cache's own attention kernels are left as TVM ships them
+  (scalar, single-threaded; replacing them is the follow-up issue on compiled-backend speed).
+It also sets ``tirx.noalias`` on every PrimFunc: one function without it made LLVM codegen of the
+whole module slower (notes/tvm-0.27.md).
+"""
+
+from __future__ import annotations
+
+VJ = 32  # output columns per vector tile (2 AVX-512 / 4 AVX2 float vectors)
+TI = 4  # rows per register tile
+
+
+def _schedule_qmm(sch, block) -> None:
+    i, j, k = sch.get_loops(block)
+    jo, ji = sch.split(j, [None, VJ])
+    io, ii = sch.split(i, [None, TI])
+    sch.reorder(jo, io, k, ii, ji)
+    acc = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(acc, io)
+    sch.parallel(jo)
+    sch.vectorize(ji)
+    sch.unroll(ii)
+    init = sch.decompose_reduction(block, k)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(acc)[-1])
+
+
+def _schedule_qmv(sch, block) -> None:
+    """Decode GEMV: one row at a time, ``VJ`` output columns accumulated in registers."""
+    i, j, k = sch.get_loops(block)
+    jo, ji = sch.split(j, [None, VJ])
+    sch.reorder(jo, i, k, ji)
+    acc = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(acc, i)
+    sch.parallel(jo)
+    sch.vectorize(ji)
+    init = sch.decompose_reduction(block, k)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(acc)[-1])
+
+
+def _schedule_generic(sch, block) -> None:
+    """Parallelise the outermost loop where it is a spatial (data-parallel) loop.
+
+    Inner loops are left to LLVM's own vectoriser: forcing ``vectorize`` on the legalized
+    elementwise/norm blocks crashed LLVM in TVM 0.27 ("Cannot implicitly convert a scalable
+    size"). These blocks are O(rows x hidden), a small share of the time next to the matmuls.
+    """
+    loops = sch.get_loops(block)
+    if loops:
+        try:
+            sch.parallel(loops[0])
+        except Exception:  # noqa: BLE001 - a reduction or dependent outer loop stays serial
+            pass
+
+
+def schedule_primfunc(func):
+    """Scheduled copy of one PrimFunc (unchanged when already scheduled)."""
+    import re
+
+    from tvm.s_tir import Schedule
+
+    func = func.with_attr("tirx.noalias", True)
+    if func.attrs is not None and func.attrs.get("tirx.is_scheduled"):
+        return func
+    names = [n for n in re.findall(r'T\.sblock\("([^"]+)"', func.script()) if n != "root"]
+    if not names:
+        return func
+    sch = Schedule(func)
+    for name in names:
+        try:
+            block = sch.get_sblock(name)
+        except Exception:
+            continue
+        if name == "qmm":
+            _schedule_qmm(sch, block)
+        elif name == "qmv":
+            _schedule_qmv(sch, block)
+        elif len(sch.get_loops(block)) > 0 and name not in ("attn",):
+            _schedule_generic(sch, block)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def cpu_schedule_pass():
+    """A module pass applying ``schedule_primfunc`` to every PrimFunc."""
+    import tvm
+    from tvm import tirx
+
+    @tvm.transform.module_pass(opt_level=0, name="QuantArenaCPUSchedule")
+    def _pass(mod, _ctx):
+        out = tvm.IRModule({}, attrs=mod.attrs)
+        for gv, func in mod.functions.items():
+            out[gv] = schedule_primfunc(func) if isinstance(func, tirx.PrimFunc) else func
+        return out
+
+    return _pass

@@ -1,0 +1,326 @@
+"""The TVM-compiled (MLC-style) backend: quantization formats, compiled model vs transformers,
+paged KV cache behaviour, artifact cache, and errors. The tiny model is compiled once per session
+(per variant) and reused; compiled artifacts are cached on disk, so reruns skip compilation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm")
+
+from backends.base import BackendError, ScoringWindow, backend_class, variant_availability  # noqa: E402
+from backends.mlc.quant import MODES, dequantize, fake_quantize, quantize, unpack  # noqa: E402
+from backends.models import checkpoint_dir, load_tokenizer, resolve_model  # noqa: E402
+
+QUANTIZED = [m for m in MODES.values() if m.quantized]
+PROMPTS = [[1, 504, 3000, 2030, 88, 12, 7, 900], [1, 77, 9001], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
+
+
+# --- quantization formats vs an element-by-element reference --------------------------------
+def _reference_codes(w: np.ndarray, mode) -> tuple[np.ndarray, np.ndarray]:
+    """MLC-LLM's group quantization written out per group and element (no vectorisation)."""
+    n, k = w.shape
+    groups = -(-k // mode.group_size)
+    scale = np.zeros((groups, n), np.float32)
+    codes = np.zeros((k, n), np.int64)
+    for col in range(n):
+        for g in range(groups):
+            chunk = w[col, g * mode.group_size:(g + 1) * mode.group_size]
+            s = np.float32(np.abs(chunk).max() / mode.max_int).astype(mode.scale_dtype).astype(np.float32)
+            scale[g, col] = s
+            for i, value in enumerate(chunk):
+                q = np.round(value / s) + mode.max_int if s != 0 else mode.max_int
+                codes[g * mode.group_size + i, col] = int(np.clip(q, 0, 2 * mode.max_int))
+    return codes, scale
+
+
+@pytest.mark.parametrize("mode", QUANTIZED, ids=lambda m: m.name)
+def test_pack_unpack_round_trip_matches_reference(mode):
+    rng = np.random.default_rng(0)
+    n, k = 12, 2 * mode.group_size + 7  # a tail group and a partial word
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    packed, scale = quantize(w, mode)
+    assert packed.dtype == np.uint32 and scale.dtype == np.dtype(mode.scale_dtype)
+    assert packed.shape == (-(-k // mode.per_word), n) and scale.shape == (-(-k // mode.group_size), n)
+    codes, ref_scale = _reference_codes(w, mode)
+    np.testing.assert_array_equal(unpack(packed, mode, k), codes)
+    np.testing.assert_array_equal(scale.astype(np.float32), ref_scale)
+    # bit layout: value i of word (r, n) sits in bits [i*bits, (i+1)*bits)
+    r, col, i = 1, 3, mode.per_word - 1
+    assert (int(packed[r, col]) >> (i * mode.bits)) & ((1 << mode.bits) - 1) == codes[r * mode.per_word + i, col]
+    deq = dequantize(packed, scale, mode, k)
+    np.testing.assert_allclose(deq, ((codes - mode.max_int) * np.repeat(ref_scale, mode.group_size, 0)[:k]).T)
+    half_step = np.repeat(ref_scale, mode.group_size, 0)[:k].T / 2
+    assert np.all(np.abs(deq - w) <= half_step * (1 + 1e-3) + 1e-6)
+
+
+def test_more_bits_quantize_more_precisely():
+    w = np.random.default_rng(1).standard_normal((64, 256)).astype(np.float32)
+    errors = {m: np.abs(fake_quantize(w, MODES[m]) - w).mean() for m in ("q3f16_1", "q4f16_1", "q8f16_1")}
+    assert errors["q8f16_1"] < errors["q4f16_1"] < errors["q3f16_1"]
+    assert np.abs(fake_quantize(w, MODES["q4f16_1"]) - w).mean() < np.abs(fake_quantize(w, MODES["q4f16_0"]) - w).mean()
+
+
+# --- compiled tiny model ---------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def hf_tiny(tiny_model):
+    backend = backend_class("hf")("fp32", {"device": "cpu"})
+    backend.load(tiny_model)
+    yield backend
+    backend.close()
+
+
+def _mlc(tiny_model, variant, **options):
+    backend = backend_class("mlc")(variant, {"device": "cpu", **options})
+    report = backend.load(tiny_model)
+    return backend, report
+
+
+@pytest.fixture(scope="session")
+def mlc_f32(tiny_model):
+    backend, report = _mlc(tiny_model, "q0f32")
+    yield backend, report
+    backend.close()
+
+
+@pytest.fixture(scope="session")
+def mlc_q4(tiny_model):
+    backend, report = _mlc(tiny_model, "q4f16_1")
+    yield backend, report
+    backend.close()
+
+
+def _hf_logits(model, ids):
+    import torch
+
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([ids])).logits[0].double().numpy()
+
+
+def _logprobs(logits, ids):
+    logits = logits - logits.max(-1, keepdims=True)
+    lp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return lp[np.arange(len(ids) - 1), ids[1:]]
+
+
+def test_q0f32_scores_equal_transformers(mlc_f32, hf_tiny):
+    backend, _ = mlc_f32
+    ids = list(range(300, 340))
+    ours = backend.loglikelihood([ScoringWindow(tuple(ids), 0), ScoringWindow(tuple(ids), 10)])
+    ref = _logprobs(_hf_logits(hf_tiny.model, ids), ids)
+    np.testing.assert_allclose(ours[0], ref, atol=2e-4)
+    np.testing.assert_allclose(ours[1], ref[9:], atol=2e-4)
+
+
+def test_q0f32_greedy_equals_transformers_batched(mlc_f32, hf_tiny):
+    backend, _ = mlc_f32
+    out = backend.generate(PROMPTS, 12, min_new_tokens=12)
+    ref = hf_tiny.generate(PROMPTS, 12, min_new_tokens=12)
+    assert out.token_ids == ref.token_ids
+    assert out.n_steps == 12 and out.step_times_s[0] > out.start_s
+    assert np.all(np.diff(out.step_times_s) >= 0)
+
+
+def test_stop_tokens_end_a_sequence_and_min_new_tokens_suppresses_them(mlc_f32, hf_tiny):
+    backend, _ = mlc_f32
+    free = backend.generate(PROMPTS[:1], 6, min_new_tokens=6).token_ids[0]
+    stopped = backend.generate(PROMPTS[:1], 6, stop_token_ids=[free[0]])
+    assert stopped.token_ids[0] == free[:1] and stopped.n_steps == 1
+    forced = backend.generate(PROMPTS[:1], 6, min_new_tokens=3, stop_token_ids=[free[0]])
+    ref = hf_tiny.generate(PROMPTS[:1], 6, min_new_tokens=3, stop_token_ids=[free[0]])
+    assert forced.token_ids == ref.token_ids and len(forced.token_ids[0]) >= 3
+
+
+def test_prefill_and_decode_logits_match_transformers(mlc_f32, hf_tiny):
+    """Prefill logits at the prompt's end and each decode step's logits, vs a full forward pass."""
+    backend, _ = mlc_f32
+    session = backend.session
+    prompt, follow = PROMPTS[0], [42, 4242, 31337]
+    kv = session.cache(1, 64)
+    session.add_sequence(kv, 7)
+    try:
+        got = [session.prefill(kv, {7: prompt})[7]]
+        for token in follow:
+            got.append(session.decode(kv, {7: token})[7])
+    finally:
+        session.remove_sequence(kv, 7)
+    ref = _hf_logits(hf_tiny.model, prompt + follow)[len(prompt) - 1:]
+    np.testing.assert_allclose(np.array(got), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["q4f16_1", "q3f16_1"])
+def test_quantized_kernels_equal_numpy_fake_quantized_transformers(variant, mlc_q4, mlc_f32, tiny_model):
+    """The fused dequantize-matmul computes exactly what the numpy reference's weights give."""
+    import torch
+
+    from backends.models import TorchLoadOptions, load_causal_lm
+
+    backend, report = mlc_q4 if variant == "q4f16_1" else _mlc(tiny_model, variant)
+    model = load_causal_lm(tiny_model, TorchLoadOptions())
+    mode = MODES[variant]
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                module.weight.copy_(torch.from_numpy(fake_quantize(module.weight.numpy(), mode)))
+    ids = list(range(1000, 1030))
+    ours = backend.loglikelihood([ScoringWindow(tuple(ids), 0)])[0]
+    np.testing.assert_allclose(ours, _logprobs(_hf_logits(model, ids), ids), atol=2e-4)
+    # one uint32 per per_word weights + one fp16 scale per group (norms stay fp32), vs 4 bytes
+    ratio = (4 / mode.per_word + 2 / mode.group_size) / 4
+    assert report.weight_bytes < (ratio + 0.02) * mlc_f32[1].weight_bytes
+
+
+def test_paged_cache_several_sequences_equal_one_at_a_time(mlc_f32):
+    backend, _ = mlc_f32
+    together = backend.generate(PROMPTS, 8, min_new_tokens=8)
+    alone = [backend.generate([p], 8, min_new_tokens=8).token_ids[0] for p in PROMPTS]
+    assert together.token_ids == alone
+    assert together.extra["kv_cache_bytes"] > together.extra["kv_cache_bytes_prefill"] > 0
+
+
+def test_prefill_chunk_and_page_size_options_give_same_scores(tiny_model, mlc_f32):
+    backend, _ = mlc_f32
+    chunked, _ = _mlc(tiny_model, "q0f32", prefill_chunk=7)
+    ids = list(range(2000, 2050))
+    np.testing.assert_allclose(chunked.loglikelihood([ScoringWindow(tuple(ids), 0)])[0],
+                               backend.loglikelihood([ScoringWindow(tuple(ids), 0)])[0], atol=1e-5)
+    assert chunked.generate(PROMPTS, 5, min_new_tokens=5).token_ids == backend.generate(PROMPTS, 5, min_new_tokens=5).token_ids
+    info = chunked.info()["kv_cache"]
+    assert info["prefill_chunk"] == 7 and "prefill_chunk" in info["honoured"]
+
+
+def test_sliding_window_with_sink_bounds_the_cache(tiny_model, mlc_f32):
+    windowed, _ = _mlc(tiny_model, "q0f32", sliding_window=16, attention_sink=4)
+    prompt = list(range(3000, 3040))
+    out = windowed.generate([prompt], 20, min_new_tokens=20)
+    assert len(out.token_ids[0]) == 20
+    assert out.extra["kv_cache_bytes"] <= 32 * windowed.session.kv_bytes_per_token
+    full = mlc_f32[0].generate([prompt], 20, min_new_tokens=20)
+    assert full.extra["kv_cache_bytes"] >= 60 * windowed.session.kv_bytes_per_token
+    with pytest.raises(BackendError, match="attention_sink"):
+        backend_class("mlc")("q0f32", {"attention_sink": 4})
+
+
+def test_context_window_is_enforced(mlc_f32, tiny_model):
+    small, _ = _mlc(tiny_model, "q0f32", context_window=16)
+    with pytest.raises(BackendError, match="context_window"):
+        small.generate([list(range(10))], 10)
+
+
+def test_compiled_artifacts_are_cached_and_reused(tiny_model, tmp_path):
+    first, report1 = _mlc(tiny_model, "q8f16_1", cache_dir=str(tmp_path))
+    assert report1.extra["artifact_cache_hit"] is False
+    assert report1.extra["compile_s"] > 0 and report1.extra["convert_s"] > 0
+    assert report1.extra["library_bytes"] > 0 and report1.extra["weights_bytes_on_disk"] > 0
+    entries = list(tmp_path.iterdir())
+    assert len(entries) == 1 and "q8f16_1" in entries[0].name and "tvm" in entries[0].name
+    lib_mtime = (entries[0] / "lib.so").stat().st_mtime_ns
+    second, report2 = _mlc(tiny_model, "q8f16_1", cache_dir=str(tmp_path))
+    assert report2.extra["artifact_cache_hit"] is True
+    assert report2.extra["compile_s"] == report1.extra["compile_s"]
+    assert (entries[0] / "lib.so").stat().st_mtime_ns == lib_mtime
+    assert report2.load_s < report1.load_s
+    ids = tuple(range(500, 520))
+    np.testing.assert_array_equal(first.loglikelihood([ScoringWindow(ids, 0)])[0],
+                                  second.loglikelihood([ScoringWindow(ids, 0)])[0])
+
+
+# --- errors and availability -------------------------------------------------------------------
+def test_unsupported_architecture_is_a_clear_error(tmp_path, tiny_model):
+    config = json.loads((checkpoint_dir(tiny_model) / "config.json").read_text())
+    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    backend = backend_class("mlc")("q0f32", {"device": "cpu"})
+    with pytest.raises(BackendError, match="model_type 'gpt2'.*not supported"):
+        backend.load(resolve_model(str(tmp_path)))
+
+
+def test_bad_inputs_raise_backend_error(mlc_f32):
+    backend, _ = mlc_f32
+    with pytest.raises(BackendError, match="empty prompt"):
+        backend.generate([[]], 4)
+    with pytest.raises(BackendError, match="out of range"):
+        backend.generate([[10 ** 9]], 4)
+    with pytest.raises(BackendError, match="unknown variant"):
+        backend_class("mlc")("q5f16_9")
+    with pytest.raises(BackendError, match="bad KV-cache option"):
+        backend_class("mlc")("q0f32", {"prefill_chunk": "big"})
+    with pytest.raises(BackendError, match="before load"):
+        backend_class("mlc")("q0f32").generate([[1]], 1)
+
+
+def test_engine_variant_reports_why_it_is_unavailable():
+    availability = variant_availability("mlc", "engine")
+    assert not availability.ok
+    assert "mlc_llm" in availability.reason or "experimental" in availability.reason
+
+
+def test_info_describes_format_and_fp16_compute(mlc_q4):
+    backend, _ = mlc_q4
+    info = backend.info()
+    assert info["quantization"]["bits"] == 4 and info["quantization"]["group_size"] == 32
+    assert info["compute_dtype"] == "float32" and "fp32" in info["compute_note"]
+    assert info["target_key"].startswith("llvm-")
+
+
+# --- end to end on SmolLM2 ---------------------------------------------------------------------
+@pytest.mark.e2e
+def test_smollm2_q0f32_matches_transformers(data_dir):
+    spec = resolve_model("smollm2-135m")
+    tokenizer = load_tokenizer(spec)
+    text = (data_dir / "wikitext-2-raw-v1" / "test.txt").read_text()
+    window = ScoringWindow(tuple(tokenizer(text, add_special_tokens=False)["input_ids"][:1024]), 0)
+    prompt = tokenizer("The history of the city begins in the Middle Ages, when",
+                       add_special_tokens=False)["input_ids"]
+    results = {}
+    for name, variant in (("hf", "fp32"), ("mlc", "q0f32")):
+        backend = backend_class(name)(variant, {"device": "cpu"})
+        backend.load(spec)
+        results[name] = (backend.generate([prompt], 24, min_new_tokens=24).token_ids,
+                         float(np.exp(-backend.loglikelihood([window])[0].mean())))
+        backend.close()
+    assert results["mlc"][0] == results["hf"][0]
+    assert abs(results["mlc"][1] / results["hf"][1] - 1) < 0.005
+
+
+def test_unquantized_embedding_option(tiny_model, mlc_q4):
+    """quantize_embedding=0 keeps the (tied) embedding / lm_head in fp16: more bytes, other scores."""
+    backend, report = _mlc(tiny_model, "q4f16_1", quantize_embedding=0)
+    assert backend.info()["quantization"]["embedding_and_lm_head"] == "q0f16"
+    assert report.weight_bytes > 1.5 * mlc_q4[1].weight_bytes
+    assert "-embf-" in report.extra["artifact_dir"]
+    ids = tuple(range(700, 730))
+    a = backend.loglikelihood([ScoringWindow(ids, 0)])[0]
+    b = mlc_q4[0].loglikelihood([ScoringWindow(ids, 0)])[0]
+    assert np.abs(a - b).max() > 1e-4
+
+
+def test_cuda_device_without_gpu_is_a_clear_error(tiny_model):
+    import tvm
+
+    if tvm.cuda(0).exist:
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(BackendError, match="no CUDA device"):
+        backend_class("mlc")("q4f16_1", {"device": "cuda"}).load(tiny_model)
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="cross-compiling the CUDA kernels needs nvcc")
+def test_cuda_pipeline_cross_compiles(tiny_model, monkeypatch, tmp_path):
+    """The GPU path (dlight schedules, CUDA codegen) builds for sm_90 even without a GPU here."""
+    monkeypatch.setenv("QUANTARENA_CUDA_ARCH", "sm_90")
+    monkeypatch.setenv("TVM_CUDA_COMPILE_MODE", "nvcc")
+    from backends.mlc.compile import compile_module, make_target, target_key
+    from backends.mlc.model import LlamaConfig, build_model, export_spec
+
+    cfg = LlamaConfig.from_hf(json.loads((checkpoint_dir(tiny_model) / "config.json").read_text()))
+    target = make_target("cuda")
+    assert target_key(target) == "cuda-sm_90"
+    with target:
+        mod, _ = build_model(cfg, MODES["q4f16_1"], "float16").export_tvm(export_spec("float16"))
+    compile_module(mod, target, quantized=True).export_library(str(tmp_path / "lib.so"))
+    assert (tmp_path / "lib.so").stat().st_size > 0
