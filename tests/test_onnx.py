@@ -69,6 +69,8 @@ def test_bad_options_are_one_line_errors(tiny_model, onnx_cache):
         OnnxRuntimeBackend("int4", {"int4_block_size": 48}).load(tiny_model)
     with pytest.raises(BackendError, match="expected a boolean"):
         OnnxRuntimeBackend("int8", {"int8_per_channel": "maybe"}).load(tiny_model)
+    with pytest.raises(BackendError, match="algorithm must be rtn or hqq"):
+        OnnxRuntimeBackend("int4", {"int4_algorithm": "gptq"}).load(tiny_model)
     with pytest.raises(BackendError, match="device must be cpu or cuda"):
         OnnxRuntimeBackend("fp32", {"device": "tpu"}).load(tiny_model)
 
@@ -269,6 +271,19 @@ def test_int4_is_matmulnbits(fp32, tiny_model, hf):
     reference = hf.loglikelihood([WINDOW])[0]
     assert 0 < np.abs(ours - reference).max() < 0.5  # quantized: different, but close
     assert len(backend.generate([PROMPTS[1]], 2).token_ids[0]) >= 1
+    backend.close()
+
+
+def test_int4_hqq_has_float_zero_points(fp32, tiny_model):
+    backend = OnnxRuntimeBackend("int4", {"threads": 2, "int4_algorithm": "hqq"})
+    report = backend.load(tiny_model)
+    graph = onnx.load(str(Path(report.extra["artifact_dir"]) / "model.onnx"), load_external_data=False).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all(len(n.input) >= 4 and n.input[3] for n in nbits)  # zero points present
+    zero_points = {t.name: t.data_type for t in graph.initializer}
+    assert zero_points[nbits[0].input[3]] == onnx.TensorProto.FLOAT
+    assert backend.info()["quantization"]["algorithm"] == "hqq"
+    assert np.all(np.isfinite(backend.loglikelihood([WINDOW])[0]))
     backend.close()
 
 

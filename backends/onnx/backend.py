@@ -75,15 +75,16 @@ class OnnxRuntimeBackend(Backend):
             installed).
         ``int8_per_channel`` (default true), ``int8_exclude`` (``default``, ``none``, or a
             ``;``-separated list of node-name substrings kept fp32).
-        ``int4_block_size`` (default 32), ``int4_symmetric`` (default false),
-            ``int4_accuracy_level`` (default 0: fp32 activations).
+        ``int4_block_size`` (default 32), ``int4_symmetric`` (default true),
+            ``int4_algorithm`` (``rtn`` default, ``hqq``), ``int4_accuracy_level`` (default 0: fp32
+            activations).
     """
 
     name = "onnx"
     variants = {
         "fp32": "ONNX Runtime, optimum export, fp32 (this backend's reference)",
         "int8": "ONNX Runtime dynamic INT8 MatMuls (per-channel weights, sensitive layers fp32)",
-        "int4": "ONNX Runtime MatMulNBits 4-bit block-wise weight-only (block 32)",
+        "int4": "ONNX Runtime MatMulNBits 4-bit block-wise weight-only (RTN, symmetric, block 32)",
     }
     default_variants = ("fp32", "int8", "int4")
 
@@ -160,8 +161,9 @@ class OnnxRuntimeBackend(Backend):
         try:
             return Int4Settings(
                 block_size=int(self.options.get("int4_block_size", 32)),
-                symmetric=_bool(self.options.get("int4_symmetric", False)),
+                symmetric=_bool(self.options.get("int4_symmetric", True)),
                 accuracy_level=int(self.options.get("int4_accuracy_level", 0)),
+                algorithm=str(self.options.get("int4_algorithm", "rtn")),
             )
         except ValueError as exc:
             raise BackendError(f"{self.label}: bad int4 option: {exc}") from None
@@ -212,7 +214,8 @@ class OnnxRuntimeBackend(Backend):
             else:
                 base = self.int4_settings()
                 seconds = quantize_int4(fp32.model_path, target / artifacts.MODEL_FILE,
-                                        Int4Settings(base.block_size, base.symmetric, base.accuracy_level, exclude))
+                                        Int4Settings(base.block_size, base.symmetric, base.accuracy_level,
+                                                     base.algorithm, exclude))
             return {"export_s": fp32.manifest["export_s"], "quantize_s": seconds}
 
         artifact = artifacts.get_or_build(self.spec.name, self.variant, identity, settings, build,

@@ -6,11 +6,12 @@ stored as int8 (symmetric; per output channel or per tensor) and each MatMul bec
 ``MatMulInteger``. Only MatMuls with a constant weight are touched (``MatMulConstBOnly``); the
 embedding ``Gather`` stays fp32. Nodes named in ``exclude`` keep fp32.
 
-``int4``: block-wise weight-only quantization to 4 bits (``MatMulNBitsQuantizer``, default RTN):
-each MatMul with a constant weight becomes a ``com.microsoft.MatMulNBits`` node with packed 4-bit
-weights, one fp32 scale (and, asymmetric, one 4-bit zero point) per ``block_size`` input rows;
-activations stay fp32 (``accuracy_level`` 0) or are quantized to int8 inside the kernel
-(``accuracy_level`` 4, faster on CPU).
+``int4``: block-wise weight-only quantization to 4 bits (``MatMulNBitsQuantizer``): each MatMul
+with a constant weight becomes a ``com.microsoft.MatMulNBits`` node with packed 4-bit weights and
+one fp32 scale per ``block_size`` input rows. ``rtn`` (round to nearest, ORT's DEFAULT algorithm)
+is symmetric by default (asymmetric adds one 4-bit zero point per block); ``hqq`` (Half-Quadratic
+Quantization, Badri & Shaji 2023) optimises a float zero point per block. Activations stay fp32
+(``accuracy_level`` 0) or are quantized to int8 inside the kernel (``accuracy_level`` 4).
 """
 
 from __future__ import annotations
@@ -52,25 +53,31 @@ class Int4Settings:
 
     Attributes:
         block_size: input rows sharing one scale (power of two >= 16).
-        symmetric: no zero points (else one 4-bit zero point per block).
+        symmetric: no zero points (else one 4-bit zero point per block); ``rtn`` only.
         accuracy_level: 0 (fp32 activations; unset) or 1-4 (4 = int8 activations in the kernel).
+        algorithm: ``rtn`` or ``hqq``.
         exclude: node names kept in fp32.
     """
 
     block_size: int = 32
-    symmetric: bool = False
+    symmetric: bool = True
     accuracy_level: int = 0
+    algorithm: str = "rtn"
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if self.algorithm not in ("rtn", "hqq"):
+            raise BackendError(f"int4 algorithm must be rtn or hqq, got {self.algorithm!r}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise BackendError(f"int4 block_size must be a power of two >= 16, got {self.block_size}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise BackendError(f"int4 accuracy_level must be 0..4, got {self.accuracy_level}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": "MatMulNBits", "bits": 4, "algorithm": "RTN (DEFAULT)", **asdict(self),
-                "exclude": list(self.exclude)}
+        data = {"method": "MatMulNBits", "bits": 4, **asdict(self), "exclude": list(self.exclude)}
+        if self.algorithm == "hqq":
+            data["symmetric"] = False  # HQQ always fits a (float) zero point
+        return data
 
 
 def quantize_int8(source: Path, target: Path, settings: Int8Settings) -> float:
@@ -112,6 +119,7 @@ def quantize_int4(source: Path, target: Path, settings: Int4Settings) -> float:
         import onnx
         from onnxruntime.quantization.matmul_nbits_quantizer import (
             DefaultWeightOnlyQuantConfig,
+            HQQWeightOnlyQuantConfig,
             MatMulNBitsQuantizer,
         )
     except ImportError as exc:
@@ -121,12 +129,15 @@ def quantize_int4(source: Path, target: Path, settings: Int4Settings) -> float:
         ) from None
     started = time.perf_counter()
     try:
-        config = DefaultWeightOnlyQuantConfig(
-            block_size=settings.block_size,
-            is_symmetric=settings.symmetric,
-            accuracy_level=settings.accuracy_level or None,
-            bits=4,
-        )
+        if settings.algorithm == "hqq":
+            config = HQQWeightOnlyQuantConfig(block_size=settings.block_size, bits=4)
+        else:
+            config = DefaultWeightOnlyQuantConfig(
+                block_size=settings.block_size,
+                is_symmetric=settings.symmetric,
+                accuracy_level=settings.accuracy_level or None,
+                bits=4,
+            )
         quantizer = MatMulNBitsQuantizer(
             onnx.load(str(source)),
             block_size=settings.block_size,
