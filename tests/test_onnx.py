@@ -184,6 +184,25 @@ def test_second_load_uses_the_cache(fp32, tiny_model, monkeypatch):
     again.close()
 
 
+def test_weight_bytes_count_constant_folded_transposes(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((4, 3), dtype=np.float32), "w")
+    scale = numpy_helper.from_array(np.ones((3,), dtype=np.int8), "s")
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+         helper.make_node("MatMul", ["x", "wt"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [weight, scale],
+    )
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    facts = artifacts.graph_facts(path)
+    assert facts == {"opset": 17, "weight_bytes": 48 + 3 + 48, "folded_weight_bytes": 48}
+
+
 def test_cache_key_changes_with_settings_and_versions(monkeypatch):
     a = artifacts.entry_key("model", "int4", {"block_size": 32})
     assert a != artifacts.entry_key("model", "int4", {"block_size": 64})
@@ -318,3 +337,15 @@ def test_smollm2_perplexity_fp32_matches_hf_and_int8_int4_stay_close(data_dir):
     assert 0.99 < int8 / onnx_fp32 < 1.03  # per-tensor, all layers would be about +60% here
     int4 = ppl(OnnxRuntimeBackend("int4"))
     assert 0.99 < int4 / onnx_fp32 < 1.25
+
+
+def test_quantizer_import_leaves_root_logging_alone():
+    import logging
+
+    from backends.onnx.quantize import _root_logging_untouched
+
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level)
+    with _root_logging_untouched():
+        logging.basicConfig(level=logging.INFO)  # what onnxruntime's matmul_nbits_quantizer does
+    assert (list(root.handlers), root.level) == before

@@ -28,6 +28,9 @@ from backends.models import cache_root
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 EXPORT_TASK = "text-generation-with-past"  # decoder with past key values: incremental decode
+FORMAT = 2  # of the entry and its manifest; part of the key, so a format change rebuilds
+REQUIRED = ("key", "files", "export_s", "quantize_s", "artifact_bytes", "weight_bytes",
+            "folded_weight_bytes", "opset", "settings", "versions")
 
 
 def library_versions() -> dict[str, str]:
@@ -66,7 +69,8 @@ def checkpoint_identity(directory: Path) -> str:
 def entry_key(identity: str, variant: str, settings: dict[str, Any]) -> str:
     """16 hex digits of sha256 over identity, variant, settings and library versions."""
     payload = json.dumps(
-        {"model": identity, "variant": variant, "settings": settings, "versions": library_versions()},
+        {"model": identity, "variant": variant, "settings": settings, "versions": library_versions(),
+         "format": FORMAT},
         sort_keys=True,
         default=str,
     )
@@ -121,6 +125,9 @@ def validate(directory: Path, key: str) -> tuple[dict[str, Any] | None, str | No
         files = dict(manifest["files"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return None, f"unreadable manifest ({type(exc).__name__})"
+    missing = [name for name in REQUIRED if name not in manifest]
+    if missing:
+        return None, f"manifest lacks {', '.join(missing)}"
     if manifest.get("key") != key:
         return None, "manifest key does not match the entry"
     if MODEL_FILE not in files:
@@ -135,8 +142,16 @@ def validate(directory: Path, key: str) -> tuple[dict[str, Any] | None, str | No
 
 
 def graph_facts(model_path: Path) -> dict[str, Any]:
-    """``opset`` (default-domain opset version) and ``weight_bytes`` (sum of initializer and
-    Constant-node tensor bytes, external data included) of an ONNX graph."""
+    """Facts about an ONNX graph, for the manifest.
+
+    Returns:
+        ``opset`` (default-domain opset version); ``weight_bytes``: bytes of the weights the
+        session holds: initializers and Constant-node tensors (external data included), plus
+        ``folded_weight_bytes``: the outputs of Transpose nodes applied to an initializer, which
+        onnxruntime's constant folding materialises as new weights when the session is created
+        (optimum's export of a tied lm_head is ``MatMul(h, Transpose(embed_tokens))``, so the
+        session keeps a second, transposed copy of the embedding).
+    """
     import numpy as np
     import onnx
     from onnx import helper
@@ -149,14 +164,18 @@ def graph_facts(model_path: Path) -> dict[str, Any]:
             return (count + 1) // 2
         return count * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
 
-    total = sum(tensor_bytes(t) for t in model.graph.initializer)
+    initializers = {t.name: tensor_bytes(t) for t in model.graph.initializer}
+    total = sum(initializers.values())
+    folded = 0
     for node in model.graph.node:
         if node.op_type == "Constant":
             for attribute in node.attribute:
                 if attribute.type == onnx.AttributeProto.TENSOR:
                     total += tensor_bytes(attribute.t)
+        elif node.op_type == "Transpose" and node.input[0] in initializers:
+            folded += initializers[node.input[0]]
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    return {"opset": opset, "weight_bytes": int(total)}
+    return {"opset": opset, "weight_bytes": int(total + folded), "folded_weight_bytes": int(folded)}
 
 
 def get_or_build(

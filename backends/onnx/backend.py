@@ -287,6 +287,7 @@ class OnnxRuntimeBackend(Backend):
             "export_s": manifest["export_s"],
             "quantize_s": manifest["quantize_s"],
             "artifact_bytes": manifest["artifact_bytes"],
+            "folded_weight_bytes": manifest["folded_weight_bytes"],
             "cache_hit": self.artifact.cache_hit,
             "export_done_now": self.artifact.export_done_now,
             "build_s": built - resolved,  # export/quantize done in this call (0-ish on a cache hit)

@@ -16,6 +16,8 @@ Quantization, Badri & Shaji 2023) optimises a float zero point per block. Activa
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -80,6 +82,21 @@ class Int4Settings:
         return data
 
 
+@contextlib.contextmanager
+def _root_logging_untouched():
+    """onnxruntime's ``matmul_nbits_quantizer`` calls ``logging.basicConfig(level=INFO)`` on import
+    and logs every node at INFO; keep the process's root logger as it was (handlers and level)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+
+
 def quantize_int8(source: Path, target: Path, settings: Int8Settings) -> float:
     """Write the dynamic-INT8 version of ``source`` (an fp32 .onnx) to ``target``; returns seconds.
 
@@ -117,11 +134,13 @@ def quantize_int4(source: Path, target: Path, settings: Int4Settings) -> float:
     """
     try:
         import onnx
-        from onnxruntime.quantization.matmul_nbits_quantizer import (
-            DefaultWeightOnlyQuantConfig,
-            HQQWeightOnlyQuantConfig,
-            MatMulNBitsQuantizer,
-        )
+
+        with _root_logging_untouched():
+            from onnxruntime.quantization.matmul_nbits_quantizer import (
+                DefaultWeightOnlyQuantConfig,
+                HQQWeightOnlyQuantConfig,
+                MatMulNBitsQuantizer,
+            )
     except ImportError as exc:
         raise BackendError(
             f"onnx int4 needs onnxruntime's MatMulNBits quantizer and its dependency onnx-ir: "
