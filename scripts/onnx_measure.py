@@ -7,7 +7,8 @@ TTFT = first step - start, decode tokens/s = (n - 1) / (last step - first step).
 after another in this process with the same thread count, so ratios between rows are meaningful
 even on a shared CPU; absolute numbers are noisy.
 
-Usage: python scripts/onnx_measure.py [--int8-study] [--variants fp32,int8,int4] [--threads N]
+Usage: python scripts/onnx_measure.py [--int8-study] [--variants fp32,int8,int4,int4@int4_algorithm=hqq]
+       [--threads N]
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def measure(backend, spec, window, prompt, new, reps) -> dict:
     load = backend.load(spec)
     row = {"label": backend.label, "load_s": round(load.load_s, 2), "weight_bytes": load.weight_bytes}
     row.update({k: (round(v, 2) if isinstance(v, float) else v) for k, v in load.extra.items()
-                if k in ("export_s", "quantize_s", "artifact_bytes", "cache_hit", "provider", "threads")})
+                if k in ("export_s", "quantize_s", "artifact_bytes", "folded_weight_bytes", "cache_hit",
+                         "provider", "threads")})
     logprobs = backend.loglikelihood([ScoringWindow(tuple(window), 0)])[0]
     row["ppl"] = round(float(np.exp(-logprobs.mean())), 4)
     backend.generate([prompt], new, min_new_tokens=new)  # warm-up
@@ -85,8 +87,11 @@ def main() -> None:
         return
     if not args.no_hf:
         print(json.dumps(measure(backend_class("hf")("fp32", options), spec, window, prompt, args.new, args.reps)), flush=True)
-    for variant in args.variants.split(","):
-        print(json.dumps(measure(onnx(variant, options), spec, window, prompt, args.new, args.reps)), flush=True)
+    for item in args.variants.split(","):  # e.g. "int4" or "int4@int4_algorithm=hqq"
+        variant, *settings = item.split("@")
+        extra = dict(s.split("=", 1) for s in settings)
+        row = measure(onnx(variant, {**options, **extra}), spec, window, prompt, args.new, args.reps)
+        print(json.dumps({**row, "options": extra} if extra else row), flush=True)
 
 
 if __name__ == "__main__":
