@@ -71,8 +71,19 @@ def test_bad_options_are_one_line_errors(tiny_model, onnx_cache):
         OnnxRuntimeBackend("int8", {"int8_per_channel": "maybe"}).load(tiny_model)
     with pytest.raises(BackendError, match="algorithm must be rtn or hqq"):
         OnnxRuntimeBackend("int4", {"int4_algorithm": "gptq"}).load(tiny_model)
+    with pytest.raises(BackendError, match="threads must be an integer"):
+        OnnxRuntimeBackend("fp32", {"threads": "many"}).load(tiny_model)
     with pytest.raises(BackendError, match="device must be cpu or cuda"):
         OnnxRuntimeBackend("fp32", {"device": "tpu"}).load(tiny_model)
+
+
+def test_cuda_request_without_cuda_says_why(tiny_model, onnx_cache):
+    from backends.hf.backend import cuda_available
+
+    if cuda_available():
+        pytest.skip("a CUDA device is visible")
+    with pytest.raises(BackendError, match="device=cuda requested but no CUDA device visible"):
+        OnnxRuntimeBackend("fp32", {"device": "cuda"}).load(tiny_model)
 
 
 # --- export and the fp32 contract -------------------------------------------------------------

@@ -109,6 +109,7 @@ class Artifact:
 
 
 def entry_dir(model_name: str, variant: str, key: str) -> Path:
+    """``cache_root()/onnx/<last part of model_name>-<variant>-<key>``."""
     return cache_root() / "onnx" / f"{Path(model_name).name}-{variant}-{key}"
 
 

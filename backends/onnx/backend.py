@@ -158,6 +158,11 @@ class OnnxRuntimeBackend(Backend):
         )
 
     def int4_settings(self) -> Int4Settings:
+        """The int4 settings from the options (defaults: RTN, symmetric, block 32, fp32 activations).
+
+        Raises:
+            BackendError: a non-integer or out-of-range option.
+        """
         try:
             return Int4Settings(
                 block_size=int(self.options.get("int4_block_size", 32)),
@@ -280,6 +285,9 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(
                 f"{self.label}: onnxruntime cannot load {self.artifact.model_path}: {str(exc)[:300]}"
             ) from exc
+        if providers[0] == "CUDAExecutionProvider" and self.provider != "CUDAExecutionProvider":
+            # onnxruntime falls back silently when the CUDA provider cannot start (cuDNN, driver).
+            self.provider_note = f"CUDAExecutionProvider failed to initialise; ran on {self.provider}"
         self._layout = self._read_layout(directory)
         finished = time.perf_counter()
         manifest = self.artifact.manifest
@@ -308,7 +316,10 @@ class OnnxRuntimeBackend(Backend):
         import torch
 
         value = self.options.get("threads")
-        threads = int(value) if value is not None else torch.get_num_threads()
+        try:
+            threads = int(value) if value is not None else torch.get_num_threads()
+        except ValueError:
+            raise BackendError(f"{self.label}: threads must be an integer, got {value!r}") from None
         if threads < 1:
             raise BackendError(f"{self.label}: threads must be >= 1, got {threads}")
         return threads
