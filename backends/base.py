@@ -201,6 +201,7 @@ class Backend(abc.ABC):
 REGISTRY: dict[str, str] = {
     "hf": "backends.hf.backend:TransformersBackend",
     "bnb": "backends.hf_bnb.backend:BitsAndBytesBackend",
+    "onnx": "backends.onnx.backend:OnnxRuntimeBackend",
     "kvq": "backends.kvq.backend:KVQuantBackend",
     "mlc": "backends.mlc.backend:MLCBackend",
 }

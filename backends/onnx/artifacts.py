@@ -1,0 +1,244 @@
+"""The on-disk cache of exported and quantized ONNX graphs, and its validation.
+
+One cache entry is a directory ``cache_root()/onnx/<model>-<variant>-<key>/`` holding ``model.onnx``
+(plus any external-data file the exporter wrote) and ``manifest.json``. The key hashes everything
+that changes the graph: the checkpoint's identity (path, config and weight-file sizes and mtimes),
+the variant, the quantization settings and the versions of optimum-onnx, onnxruntime, onnx,
+transformers and torch. An entry is built in a temporary sibling directory and renamed into place
+with the manifest written last, so a half-written entry never has a manifest. A manifest that is
+missing, unreadable, from another key, or lists files whose sizes differ marks the entry corrupt:
+it is deleted and rebuilt with a warning, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from backends.base import BackendError
+from backends.models import cache_root
+
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"
+EXPORT_TASK = "text-generation-with-past"  # decoder with past key values: incremental decode
+FORMAT = 2  # of the entry and its manifest; part of the key, so a format change rebuilds
+REQUIRED = ("key", "files", "export_s", "quantize_s", "artifact_bytes", "weight_bytes",
+            "folded_weight_bytes", "opset", "settings", "versions")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape an exported or quantized graph (part of the key)."""
+    import importlib.metadata as metadata
+
+    versions = {}
+    for package in ("optimum-onnx", "optimum", "onnxruntime", "onnx", "transformers", "torch"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "absent"
+    if versions["onnxruntime"] == "absent":  # the GPU wheel has another distribution name
+        try:
+            versions["onnxruntime"] = metadata.version("onnxruntime-gpu")
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def checkpoint_identity(directory: Path) -> str:
+    """A string that changes when the checkpoint in ``directory`` changes: its resolved path, the
+    sha256 of ``config.json`` and the size and mtime of every weight file."""
+    directory = directory.resolve()
+    parts = [str(directory)]
+    config = directory / "config.json"
+    if config.is_file():
+        parts.append(hashlib.sha256(config.read_bytes()).hexdigest())
+    for path in sorted(directory.iterdir()):
+        if path.suffix in {".safetensors", ".bin", ".pt", ".gguf"}:
+            stat = path.stat()
+            parts.append(f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}")
+    return "|".join(parts)
+
+
+def entry_key(identity: str, variant: str, settings: dict[str, Any]) -> str:
+    """16 hex digits of sha256 over identity, variant, settings and library versions."""
+    payload = json.dumps(
+        {"model": identity, "variant": variant, "settings": settings, "versions": library_versions(),
+         "format": FORMAT},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Artifact:
+    """A valid cache entry.
+
+    Attributes:
+        directory: the entry directory; ``model_path`` is its ``model.onnx``.
+        manifest: what was recorded when it was built: ``export_s`` and ``quantize_s`` (seconds the
+            build took; ``quantize_s`` is 0 for fp32), ``artifact_bytes`` (bytes on disk of every
+            graph file), ``weight_bytes`` (bytes of the graph's initializers), ``opset``,
+            ``settings``, ``versions``, ``files`` (name -> bytes).
+        cache_hit: True when the entry existed and was valid before this load.
+        rebuilt_reason: why an existing entry was discarded and rebuilt, if it was.
+        export_done_now: whether this load ran the ONNX export (for a quantized entry: whether
+            its fp32 parent was exported now).
+    """
+
+    directory: Path
+    manifest: dict[str, Any]
+    cache_hit: bool
+    rebuilt_reason: str | None = None
+    export_done_now: bool | None = None
+
+    def __post_init__(self):
+        if self.export_done_now is None:  # a quantized entry sets it from its fp32 parent
+            self.export_done_now = not self.cache_hit
+
+    @property
+    def model_path(self) -> Path:
+        return self.directory / MODEL_FILE
+
+
+def entry_dir(model_name: str, variant: str, key: str) -> Path:
+    """``cache_root()/onnx/<last part of model_name>-<variant>-<key>``."""
+    return cache_root() / "onnx" / f"{Path(model_name).name}-{variant}-{key}"
+
+
+def validate(directory: Path, key: str) -> tuple[dict[str, Any] | None, str | None]:
+    """Check an entry: returns ``(manifest, None)`` if valid, ``(None, reason)`` if not, and
+    ``(None, None)`` if there is no entry at all."""
+    if not directory.exists():
+        return None, None
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        return None, "no manifest (an interrupted build)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = dict(manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return None, f"unreadable manifest ({type(exc).__name__})"
+    missing = [name for name in REQUIRED if name not in manifest]
+    if missing:
+        return None, f"manifest lacks {', '.join(missing)}"
+    if manifest.get("key") != key:
+        return None, "manifest key does not match the entry"
+    if MODEL_FILE not in files:
+        return None, f"manifest lists no {MODEL_FILE}"
+    for name, size in files.items():
+        path = directory / name
+        if not path.is_file():
+            return None, f"{name} is missing"
+        if path.stat().st_size != size:
+            return None, f"{name} has {path.stat().st_size} bytes, the manifest says {size}"
+    return manifest, None
+
+
+def graph_facts(model_path: Path) -> dict[str, Any]:
+    """Facts about an ONNX graph, for the manifest.
+
+    Returns:
+        ``opset`` (default-domain opset version); ``weight_bytes``: bytes of the weights the
+        session holds: initializers and Constant-node tensors (external data included), plus
+        ``folded_weight_bytes``: the outputs of Transpose nodes applied to an initializer, which
+        onnxruntime's constant folding materialises as new weights when the session is created
+        (optimum's export of a tied lm_head is ``MatMul(h, Transpose(embed_tokens))``, so the
+        session keeps a second, transposed copy of the embedding).
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(model_path), load_external_data=False)
+
+    def tensor_bytes(tensor) -> int:
+        count = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
+        if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+            return (count + 1) // 2
+        return count * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+
+    initializers = {t.name: tensor_bytes(t) for t in model.graph.initializer}
+    total = sum(initializers.values())
+    folded = 0
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.TENSOR:
+                    total += tensor_bytes(attribute.t)
+        elif node.op_type == "Transpose" and node.input[0] in initializers:
+            folded += initializers[node.input[0]]
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    return {"opset": opset, "weight_bytes": int(total + folded), "folded_weight_bytes": int(folded)}
+
+
+def get_or_build(
+    model_name: str,
+    variant: str,
+    identity: str,
+    settings: dict[str, Any],
+    build: Callable[[Path], dict[str, float]],
+    check: Callable[[Path], None] | None = None,
+) -> Artifact:
+    """Return the valid cache entry for ``(model, variant, settings)``, building it if needed.
+
+    Args:
+        model_name: the model's name (only its last path part appears in the directory name).
+        variant: ``fp32``, ``int8`` or ``int4``.
+        identity: ``checkpoint_identity`` of the source checkpoint.
+        settings: every option that changes the graph (JSON-serialisable); part of the key.
+        build: writes ``model.onnx`` (and any external data) into the empty directory it is given
+            and returns ``{"export_s": s, "quantize_s": s}``; raises ``BackendError`` on failure.
+        check: optional deep check of a cached entry (e.g. create an inference session); raising
+            any exception marks the entry corrupt and it is rebuilt.
+
+    Raises:
+        BackendError: the build failed (the partial entry is removed).
+    """
+    key = entry_key(identity, variant, settings)
+    directory = entry_dir(model_name, variant, key)
+    manifest, reason = validate(directory, key)
+    if manifest is not None and check is not None:
+        try:
+            check(directory / MODEL_FILE)
+        except Exception as exc:  # a corrupt graph: any loader error means "rebuild"
+            manifest, reason = None, f"{MODEL_FILE} does not load ({type(exc).__name__}: {str(exc)[:120]})"
+    if manifest is not None:
+        return Artifact(directory, manifest, cache_hit=True)
+    if reason is not None:
+        warnings.warn(f"onnx cache entry {directory.name} is corrupt ({reason}); rebuilding it", stacklevel=2)
+    staging = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        timings = build(staging)
+        if not (staging / MODEL_FILE).is_file():
+            raise BackendError(f"the {variant} build wrote no {MODEL_FILE}")
+        files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
+        manifest = {
+            "key": key,
+            "model": model_name,
+            "variant": variant,
+            "settings": settings,
+            "versions": library_versions(),
+            "export_s": float(timings.get("export_s", 0.0)),
+            "quantize_s": float(timings.get("quantize_s", 0.0)),
+            "artifact_bytes": int(sum(files.values())),
+            "files": files,
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **graph_facts(staging / MODEL_FILE),
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Artifact(directory, manifest, cache_hit=False, rebuilt_reason=reason)
