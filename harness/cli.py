@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--output-len", type=_positive, default=64, help="new tokens (default 64)")
     lat.add_argument("--batch-sizes", type=_int_list, default=[1], help="sequences per call (default 1)")
     lat.add_argument("--context-lengths", type=_int_list,
-                     help="context-length sweep: adds latency cells with these prompt lengths")
+                     help="context-length sweep: latency cells with these prompt lengths (replaces --input-lens)")
     lat.add_argument("--warmup", type=_non_negative, default=2, help="untimed runs per cell (default 2)")
     lat.add_argument("--repetitions", type=_positive, default=5, help="timed runs per cell (default 5)")
     ppl = run.add_argument_group("wikitext2")
@@ -115,7 +115,8 @@ def plan_cells(args: argparse.Namespace, workloads: list[str]) -> list[Cell]:
     cells: list[Cell] = []
     for name in workloads:
         if name == "latency":
-            lengths = list(dict.fromkeys(args.input_lens + (args.context_lengths or [])))
+            # a context-length sweep replaces the default prompt lengths
+            lengths = list(dict.fromkeys(args.context_lengths or args.input_lens))
             for n_in in lengths:
                 for batch in args.batch_sizes:
                     params = {"n_in": n_in, "n_out": args.output_len, "batch": batch,

@@ -96,7 +96,8 @@ def render_report(records: list[dict[str, Any]], out_dir: Path, title: str = "qu
     kv_header, kv_rows = kv_context_table(records)
     if kv_rows:
         parts += ["", "## KV-cache MB vs context length", "",
-                  "Bytes the KV cache holds after prefill of n_in tokens and decode of n_out tokens.", "",
+                  "MB the KV cache holds right after prefill of n_in tokens (payload, scales, residual); "
+                  "bytes per cached token and the compression at the longest prompt.", "",
                   _md_table(kv_header, kv_rows)]
     ppl = [r for r in records if r["workload"] == "wikitext2" and r["status"] == "ok"]
     if ppl:

@@ -124,16 +124,27 @@ LATENCY_COLUMNS = ["backend", "n_in", "n_out", "batch", "TTFT ms", "TPOT ms", "I
 
 
 def kv_context_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """KV-cache MB at the end of generation per backend (rows) and prompt length (columns), from
-    latency records that report ``kv_cache_bytes``; empty when fewer than two lengths were run."""
-    cells: dict[str, dict[int, float]] = {}
+    """KV-cache MB after prefill per backend (rows) and prompt length (columns), then bytes per
+    cached token and the compression against the unquantized reference (``kvq:fp16`` if run, else
+    ``hf:fp32``) at the longest length. From latency records reporting ``kv_cache_bytes_prefill``;
+    empty when fewer than two lengths were run."""
+    cells: dict[str, dict[int, dict[str, Any]]] = {}
     for r in records:
-        if r["status"] == "ok" and r["workload"] == "latency" and r["metrics"].get("kv_cache_bytes"):
-            cells.setdefault(r["label"], {})[r["params"]["n_in"]] = r["metrics"]["kv_cache_bytes"] / MB
+        if r["status"] == "ok" and r["workload"] == "latency" and r["metrics"].get("kv_cache_bytes_prefill"):
+            cells.setdefault(r["label"], {})[r["params"]["n_in"]] = r["metrics"]
     lengths = sorted({n for by_len in cells.values() for n in by_len})
     if len(lengths) < 2:
         return [], []
-    header = ["backend"] + [f"n_in={n}" for n in lengths]
-    rows = [[label] + [f"{by_len[n]:.2f}" if n in by_len else "-" for n in lengths]
-            for label, by_len in cells.items()]
+    reference = next((label for label in ("kvq:fp16", "hf:fp32") if label in cells), None)
+    header = ["backend"] + [f"n_in={n}" for n in lengths] + ["bytes/token", f"vs {reference}"]
+    rows = []
+    for label, by_len in cells.items():
+        longest = max(by_len)
+        metrics = by_len[longest]
+        tokens = metrics.get("kv_cache_tokens_prefill") or longest
+        ref = (cells.get(reference) or {}).get(longest)
+        ratio = ref["kv_cache_bytes_prefill"] / metrics["kv_cache_bytes_prefill"] if ref else None
+        rows.append([label] + [f"{by_len[n]['kv_cache_bytes_prefill'] / MB:.2f}" if n in by_len else "-"
+                               for n in lengths]
+                    + [f"{metrics['kv_cache_bytes_prefill'] / tokens:,.0f}", f"{ratio:.2f}x" if ratio else "-"])
     return header, rows

@@ -245,17 +245,20 @@ def test_smollm2_perplexity_through_the_cache(data_dir):
     assert ppl["kvq:int2"] > 1.1 * ppl["kvq:fp16"]
 
 
-def test_context_sweep_grows_linearly(kvq, tiny_model):
-    from backends.kvq.sweep import context_sweep, markdown_table
+def test_context_length_sweep_through_the_harness(tmp_path, data_dir, monkeypatch):
+    """``--context-lengths`` gives KV MB per length and precision; the report tabulates it."""
+    from harness.cli import main
+    from harness.results import read_records
 
-    rows = context_sweep(kvq("fp16"), tiny_model, [32, 64], decode_tokens=3)
-    rows += context_sweep(kvq("int4"), tiny_model, [32, 64], decode_tokens=3)
-    by = {(r["backend"], r["context"]): r for r in rows}
+    monkeypatch.setenv("HARNESS_DATA_DIR", str(data_dir))
+    code = main(["run", "--model", "tiny-llama", "--backends", "kvq:fp16,kvq:int4", "--context-lengths", "32,64",
+                 "--output-len", "3", "--warmup", "0", "--repetitions", "1", "--out", str(tmp_path)])
+    assert code == 0
+    kv = {(r["label"], r["params"]["n_in"]): r["metrics"] for r in read_records(tmp_path / "results.jsonl")}
+    assert set(kv) == {(b, n) for b in ("kvq:fp16", "kvq:int4") for n in (32, 64)}
     for label in ("kvq:fp16", "kvq:int4"):
-        assert by[(label, 64)]["kv_mb_prefill"] == pytest.approx(2 * by[(label, 32)]["kv_mb_prefill"])
-        assert by[(label, 64)]["decode_tokens"] == 3 and by[(label, 64)]["ttft_ms"] > 0
-    assert by[("kvq:int4", 64)]["kv_mb_prefill"] < by[("kvq:fp16", 64)]["kv_mb_prefill"]
-    table = markdown_table(rows)
-    assert "| kvq:int4 | 64 |" in table and "1.00x" in table
-    with pytest.raises(ValueError, match="decode_tokens"):
-        context_sweep(kvq("fp16"), tiny_model, [8], decode_tokens=1)
+        assert kv[(label, 64)]["kv_cache_bytes_prefill"] == 2 * kv[(label, 32)]["kv_cache_bytes_prefill"]
+    assert kv[("kvq:int4", 64)]["kv_cache_bytes_prefill"] < kv[("kvq:fp16", 64)]["kv_cache_bytes_prefill"]
+    report = (tmp_path / "report.md").read_text()
+    assert "## KV-cache MB vs context length" in report
+    assert "| kvq:fp16 |" in report and "1.00x" in report

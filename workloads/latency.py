@@ -77,7 +77,8 @@ class LatencyWorkload(Workload):
         kv = [e["kv_cache_bytes"] for e in extras if "kv_cache_bytes" in e]
         if kv:
             metrics["kv_cache_bytes"] = max(kv)
-            for key in ("kv_cache_bytes_prefill", "kv_cache_bytes_fp16_analytic", "kv_cache_tokens"):
+            for key in ("kv_cache_bytes_prefill", "kv_cache_tokens_prefill", "kv_cache_bytes_fp16_analytic",
+                        "kv_cache_tokens"):
                 if key in extras[-1]:
                     metrics[key] = extras[-1][key]
         return WorkloadResult(metrics, {"runs": runs, "generations": extras})
