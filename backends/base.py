@@ -231,6 +231,28 @@ def variant_availability(name: str, variant: str) -> Availability:
     return cls.availability(variant)
 
 
+def left_pad(prompt_token_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad a batch of prompts, as batched decoder-only generation needs.
+
+    Returns:
+        ``(input_ids, attention_mask)``, both int64 ``[batch, max_len]``; the mask is 1 on real tokens.
+
+    Raises:
+        BackendError: no prompts, or an empty prompt.
+    """
+    if not prompt_token_ids:
+        raise BackendError("no prompts")
+    width = max(len(p) for p in prompt_token_ids)
+    input_ids = np.full((len(prompt_token_ids), width), pad_id, dtype=np.int64)
+    mask = np.zeros_like(input_ids)
+    for row, prompt in enumerate(prompt_token_ids):
+        if len(prompt) == 0:
+            raise BackendError("empty prompt")
+        input_ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    return input_ids, mask
+
+
 def timed(fn, *args, **kwargs) -> tuple[Any, float]:
     """Run ``fn`` and return ``(result, wall seconds)``."""
     t0 = time.perf_counter()

@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     ppl = run.add_argument_group("wikitext2")
     ppl.add_argument("--ppl-context", type=_positive, default=1024, help="window tokens (default 1024)")
     ppl.add_argument("--ppl-stride", type=_positive, default=512, help="stride tokens (default 512)")
-    ppl.add_argument("--max-eval-tokens", type=_non_negative, default=4096,
-                     help="score this many leading tokens; 0 = the whole split (default 4096)")
+    ppl.add_argument("--max-eval-tokens", type=_non_negative, default=8192,
+                     help="score this many leading tokens; 0 = the whole split (default 8192)")
     qa = run.add_argument_group("squad")
     qa.add_argument("--squad-n", type=_positive, default=200, help="questions, stratified HasAns/NoAns (default 200)")
     qa.add_argument("--squad-shots", type=_non_negative, default=0, help="worked examples per prompt (default 0)")

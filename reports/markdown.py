@@ -21,7 +21,9 @@ METHOD_NOTES = """\
   batch x n_in / TTFT; decode tok/s = batch x (n_out - 1)/(e2e - TTFT). Values are medians over
   repetitions with their standard deviation (±) or p90 (in parentheses). Exact definitions and
   sources: `docs/metrics.md`.
-- Peak memory: process RSS sampled every 5 ms on CPU; `torch.cuda.max_memory_allocated` on CUDA.
+- Peak memory: process RSS sampled every 5 ms on CPU (the whole process: Python, libraries, and
+  memory the allocator kept from loading, e.g. the full-precision weights a quantizing loader
+  read first); `torch.cuda.max_memory_allocated` on CUDA.
 - Perplexity: token-level, exp(mean NLL) over every scored token, sliding-window protocol of the
   transformers "Perplexity of fixed-length models" guide; ± is the standard error (delta method).
 - Weight MB: parameters and buffers as stored, quantized tensors at their packed size with their

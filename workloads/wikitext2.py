@@ -25,7 +25,7 @@ from workloads.data import wikitext2_token_ids
 class WikiTextParams(WorkloadParams):
     context: int = 1024
     stride: int = 512
-    max_eval_tokens: int = 4096
+    max_eval_tokens: int = 8192
 
 
 def sliding_windows(token_ids, context: int, stride: int) -> list[ScoringWindow]:

@@ -21,6 +21,7 @@ from backends.base import (
     GenerationOutput,
     LoadReport,
     ScoringWindow,
+    left_pad,
 )
 from backends.models import ModelSpec, TorchLoadOptions, checkpoint_dir, load_causal_lm, prepare_seconds
 
@@ -263,19 +264,11 @@ class TransformersBackend(Backend):
         return torch.cuda.synchronize if self.device == "cuda" else None
 
     def _pad_batch(self, prompt_token_ids: Sequence[Sequence[int]]):
-        """Left-pad a batch: returns ``input_ids`` and ``attention_mask``, both ``[batch, n]`` int64."""
+        """Left-padded ``input_ids`` and ``attention_mask`` torch tensors ``[batch, n]`` on the device."""
         import torch
 
-        width = max(len(p) for p in prompt_token_ids)
-        pad = self.pad_token_id
-        ids = torch.full((len(prompt_token_ids), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, prompt in enumerate(prompt_token_ids):
-            if len(prompt) == 0:
-                raise BackendError("empty prompt")
-            ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
-            mask[row, width - len(prompt):] = 1
-        return ids.to(self.device), mask.to(self.device)
+        ids, mask = left_pad(prompt_token_ids, self.pad_token_id)
+        return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
 
     @property
     def pad_token_id(self) -> int:

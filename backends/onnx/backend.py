@@ -22,7 +22,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from backends.base import Availability, Backend, BackendError, GenerationOutput, LoadReport, ScoringWindow
+from backends.base import (Availability, Backend, BackendError, GenerationOutput, LoadReport, ScoringWindow,
+                           left_pad)
 from backends.hf.backend import cuda_available, trim_at_stop
 from backends.models import ModelError, ModelSpec, checkpoint_dir, prepare_seconds
 from backends.onnx import artifacts
@@ -441,12 +442,7 @@ class OnnxRuntimeBackend(Backend):
         self._check_tokens(prompt_token_ids)
         layout = self._layout
         batch = len(prompt_token_ids)
-        width = max(len(p) for p in prompt_token_ids)
-        input_ids = np.full((batch, width), layout["pad_id"], dtype=np.int64)
-        mask = np.zeros((batch, width), dtype=np.int64)
-        for row, prompt in enumerate(prompt_token_ids):
-            input_ids[row, width - len(prompt):] = prompt
-            mask[row, width - len(prompt):] = 1
+        input_ids, mask = left_pad(prompt_token_ids, layout["pad_id"])
         # Position ids as transformers computes them for left padding: cumsum(mask) - 1, pads at 1.
         positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1)
         stop_ids = list(dict.fromkeys([*layout["eos_ids"], *(int(t) for t in stop_token_ids)]))
