@@ -167,7 +167,9 @@ def command_run(args: argparse.Namespace) -> int:
         workloads = [w for w in workloads if not WORKLOADS[w].needs_quality]
     check_data(workloads)
     pairs = parse_backends(args.backends)
-    jobs = build_jobs(pairs, plan_cells(args, workloads), dict(args.backend_option), explicit=bool(args.backends))
+    jobs, left_out = build_jobs(pairs, plan_cells(args, workloads), dict(args.backend_option))
+    for item in left_out:
+        console.print(f"[yellow]skipped[/] {item}")
     if not jobs:
         raise UsageError("no backend is available on this machine; see python -m harness list")
     run_id = dt.datetime.now().strftime("%Y%m%d-%H%M%S")

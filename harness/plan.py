@@ -39,11 +39,12 @@ class Job:
         return f"{self.backend}:{self.variant}"
 
 
-def parse_backends(text: str | None) -> list[tuple[str, str]]:
-    """``"hf,bnb:int8"`` -> ``[("hf", v) for v in hf's defaults] + [("bnb", "int8")]``; None means
-    every registered backend's default variants. Duplicates are dropped, order kept."""
+def parse_backends(text: str | None) -> list[tuple[str, str, bool]]:
+    """``"hf,bnb:int8"`` -> ``[("hf", v, False) for v in hf's defaults] + [("bnb", "int8", True)]``;
+    None means every registered backend's default variants. The flag says the variant was named
+    explicitly. Duplicates are dropped, order kept."""
     items = [t.strip() for t in text.split(",")] if text else list(REGISTRY)
-    pairs: list[tuple[str, str]] = []
+    pairs: list[tuple[str, str, bool]] = []
     for item in items:
         if not item:
             raise UsageError(f"empty backend name in --backends {text!r}")
@@ -57,8 +58,8 @@ def parse_backends(text: str | None) -> list[tuple[str, str]]:
                 + ", ".join(f"{name}:{v}" for v in cls.variants)
             )
         for v in [variant] if variant else cls.default_variants:
-            if (name, v) not in pairs:
-                pairs.append((name, v))
+            if all((name, v) != (n, w) for n, w, _ in pairs):
+                pairs.append((name, v, bool(variant)))
     return pairs
 
 
@@ -71,18 +72,21 @@ def parse_workloads(text: str | None, default: tuple[str, ...]) -> list[str]:
 
 
 def build_jobs(
-    pairs: list[tuple[str, str]],
+    pairs: list[tuple[str, str, bool]],
     cells: list[Cell],
     options: dict[str, Any],
-    explicit: bool,
-) -> list[Job]:
-    """A job per backend variant. Unavailable variants get ``skip_reason`` when the user named them
-    explicitly (so the table says why) and are dropped from a default 'everything available' run."""
-    jobs = []
-    for name, variant in pairs:
+) -> tuple[list[Job], list[str]]:
+    """A job per backend variant, and the ``name:variant (reason)`` of those left out.
+
+    An unavailable variant named explicitly (``bnb:nf4``) becomes a job with ``skip_reason``, so
+    the results say why it has no numbers; one that only came from expanding a backend name (or
+    the default 'everything') is left out and reported in the second list."""
+    jobs, left_out = [], []
+    for name, variant, explicit in pairs:
         availability = variant_availability(name, variant)
         if not availability.ok and not explicit:
+            left_out.append(f"{name}:{variant} ({availability.reason})")
             continue
         jobs.append(Job(name, variant, dict(options), list(cells),
                         None if availability.ok else availability.reason))
-    return jobs
+    return jobs, left_out

@@ -94,3 +94,18 @@ def test_random_weights_specs_use_shipped_configs():
     config = AutoConfig.from_pretrained(spec.location)
     assert (config.hidden_size, config.num_hidden_layers, config.num_key_value_heads, config.vocab_size) == (
         4096, 32, 8, 128256)
+
+
+def test_expanded_unavailable_variants_are_left_out_named_ones_recorded():
+    from backends.base import backend_class, variant_availability
+    from harness.plan import Cell, build_jobs, parse_backends
+
+    missing = [v for v in backend_class("hf").default_variants if not variant_availability("hf", v).ok]
+    if not missing:
+        pytest.skip("every hf variant is available on this machine")
+    cells = [Cell("c", "latency", {})]
+    jobs, left_out = build_jobs(parse_backends("hf"), cells, {})
+    assert "hf:fp32" in [j.label for j in jobs] and f"hf:{missing[0]}" not in [j.label for j in jobs]
+    assert any(item.startswith(f"hf:{missing[0]} (") for item in left_out)
+    jobs, _ = build_jobs(parse_backends(f"hf:{missing[0]},hf"), cells, {})
+    assert jobs[0].label == f"hf:{missing[0]}" and jobs[0].skip_reason
