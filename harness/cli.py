@@ -151,7 +151,9 @@ def check_data(workloads: list[str]) -> None:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    from harness.console import console, make_progress, summary_table, ProgressObserver
+    from rich.markup import escape
+
+    from harness.console import ProgressObserver, console, make_progress, summary_table
     from harness.runner import RunConfig, Runner
     from reports.markdown import render_report
 
@@ -169,7 +171,7 @@ def command_run(args: argparse.Namespace) -> int:
     pairs = parse_backends(args.backends)
     jobs, left_out = build_jobs(pairs, plan_cells(args, workloads), dict(args.backend_option))
     for item in left_out:
-        console.print(f"[yellow]skipped[/] {item}")
+        console.print(f"[yellow]skipped[/] {escape(item)}")
     if not jobs:
         raise UsageError("no backend is available on this machine; see python -m harness list")
     run_id = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -187,6 +189,7 @@ def command_run(args: argparse.Namespace) -> int:
 
 
 def command_list(_: argparse.Namespace) -> int:
+    from rich.markup import escape
     from rich.table import Table
 
     from harness.console import console
@@ -202,8 +205,8 @@ def command_list(_: argparse.Namespace) -> int:
             continue
         for variant, description in variants.items():
             availability = variant_availability(name, variant)
-            table.add_row(f"{name}:{variant}", description,
-                          "yes" if availability.ok else f"no: {availability.reason}")
+            table.add_row(f"{name}:{variant}", escape(description),
+                          "yes" if availability.ok else escape(f"no: {availability.reason}"))
     console.print(table)
     models = Table(title="models")
     models.add_column("model")

@@ -6,6 +6,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -37,7 +38,7 @@ class ProgressObserver:
         task = self.tasks.pop(self._key(job, cell), None)
         if task is not None:
             self.progress.remove_task(task)
-        status = "[green]ok[/]" if record["status"] == "ok" else f"[red]failed[/]: {record['error']}"
+        status = "[green]ok[/]" if record["status"] == "ok" else f"[red]failed[/]: {escape(str(record['error']))}"
         self.progress.console.print(f"{self._key(job, cell)}: {status}")
 
 
@@ -51,5 +52,5 @@ def summary_table(records: list[dict[str, Any]]) -> Table:
     for column in SummaryRow.COLUMNS:
         table.add_column(column, justify="left" if column in ("backend", "format") else "right")
     for row in summary_rows(records):
-        table.add_row(*row.cells())
+        table.add_row(*(escape(cell) for cell in row.cells()))
     return table

@@ -43,18 +43,25 @@ def _first(records: list[dict[str, Any]], key: str) -> Any:
 
 
 def _preparation_rows(records: list[dict[str, Any]]) -> list[list[str]]:
-    """One-time costs each backend reported in its load report (export, quantize, compile...)."""
+    """One-time costs each backend reported in its load report: seconds (``*_s``) and sizes
+    (``*bytes*``); ``checkpoint_prepare_s`` is the one-time conversion of the checkpoint itself
+    (shared by every backend, cached)."""
     seen, rows = set(), []
     for r in records:
         load = r.get("load") or {}
-        extra = {k: v for k, v in load.items() if k not in ("load_s", "weight_bytes") and v is not None}
-        if r["label"] in seen or not extra:
+        if r["label"] in seen or not load:
             continue
         seen.add(r["label"])
-        rendered = ", ".join(
-            f"{k} {v / MB:.1f} MB" if k.endswith("bytes") else f"{k} {v:.2f}" if isinstance(v, float)
-            else f"{k} {v}" for k, v in extra.items() if not isinstance(v, (dict, list)))
-        rows.append([r["label"], rendered])
+        parts = []
+        for key, value in load.items():
+            if key in ("load_s", "weight_bytes") or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            if "bytes" in key:
+                parts.append(f"{key} {value / MB:.1f} MB")
+            elif key.endswith("_s"):
+                parts.append(f"{key} {value:.2f}")
+        if parts:
+            rows.append([r["label"], ", ".join(parts)])
     return rows
 
 

@@ -252,7 +252,7 @@ class TransformersBackend(Backend):
             raise BackendError(f"{self.label}: cannot load {model.name}: {exc}") from exc
         self.spec = model
         finished = time.perf_counter()
-        extra = {"checkpoint_convert_s_once": prepare_seconds(directory)}
+        extra = {"checkpoint_prepare_s": prepare_seconds(directory)}
         return LoadReport(finished - ready, self.weight_bytes(), extra)
 
     def weight_bytes(self) -> int:
