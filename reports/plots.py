@@ -20,12 +20,15 @@ def quality_speed_plot(rows: list[SummaryRow], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for label, speed, ppl in points:
         ax.scatter(speed, ppl)
         ax.annotate(label, (speed, ppl), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("decode tokens/s (median)")
     ax.set_ylabel("WikiText-2 perplexity")
+    ppls = [p for _, _, p in points]
+    if max(ppls) > 5 * min(ppls):  # a broken format would squash every other point to the floor
+        ax.set_yscale("log")
     ax.set_title("Quality vs decode speed")
     ax.grid(alpha=0.3)
     fig.tight_layout()
