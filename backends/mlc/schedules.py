@@ -13,8 +13,9 @@ after ``FuseTIR``:
 * ``qmv`` blocks (the same layers traced for ``decode``): the GEMV form of the above, one row
   at a time with a ``1 x VJ`` register accumulator.
 * every other non-scheduled block (norms, elementwise, embedding gather): its outermost spatial
-  loop parallelised. The paged KV cache's own attention kernels are left as TVM ships them
-  (scalar, single-threaded; replacing them is the follow-up issue on compiled-backend speed).
+  loop parallelised.
+* the paged KV cache's ragged-prefill and decode attention kernels (TVM ships them scalar and
+  single-threaded) are replaced by the parallel, vectorised ones in ``attention.py``.
 It also sets ``tirx.noalias`` on every PrimFunc: one function without it made LLVM codegen of the
 whole module slower (notes/tvm-0.27.md).
 """
@@ -101,11 +102,17 @@ def cpu_schedule_pass():
     import tvm
     from tvm import tirx
 
+    from . import attention
+
     @tvm.transform.module_pass(opt_level=0, name="QuantArenaCPUSchedule")
     def _pass(mod, _ctx):
         out = tvm.IRModule({}, attrs=mod.attrs)
         for gv, func in mod.functions.items():
-            out[gv] = schedule_primfunc(func) if isinstance(func, tirx.PrimFunc) else func
+            if isinstance(func, tirx.PrimFunc):
+                fast = attention.replacement(gv.name_hint, func)
+                out[gv] = fast if fast is not None else schedule_primfunc(func)
+            else:
+                out[gv] = func
         return out
 
     return _pass
