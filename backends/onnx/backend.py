@@ -520,7 +520,7 @@ class OnnxRuntimeBackend(Backend):
             "opset": manifest.get("opset"),
             "compute_dtype": "float32",
             "kv_cache": {"type": "ONNX past_key_values (I/O-bound OrtValues)", "dtype": "float32"},
-            "quantization": {"format": f"onnx-{self.variant}", "config": manifest.get("settings", {"method": "none"})},
+            "quantization": {"format": f"onnx-{self.variant}", **manifest.get("settings", {"method": "none"})},
             "export": {"task": artifacts.EXPORT_TASK, "tool": "optimum.exporters.onnx.main_export"},
             "artifact_dir": str(self.artifact.directory) if self.artifact is not None else None,
         }
