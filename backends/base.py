@@ -253,8 +253,15 @@ def left_pad(prompt_token_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[np
     return input_ids, mask
 
 
-def timed(fn, *args, **kwargs) -> tuple[Any, float]:
-    """Run ``fn`` and return ``(result, wall seconds)``."""
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0
+def stop_token_set(eos_token_ids: Sequence[int], stop_token_ids: Sequence[int]) -> list[int]:
+    """The ids that end a sequence: the model's end-of-sequence ids, then the caller's stop ids,
+    as ints, duplicates dropped, order kept."""
+    return list(dict.fromkeys(int(t) for t in (*eos_token_ids, *stop_token_ids)))
+
+
+def trim_at_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
+    """Cut a generated sequence after its first stop token (the stop token is kept)."""
+    for index, token in enumerate(tokens):
+        if token in stop_ids:
+            return tokens[: index + 1]
+    return tokens

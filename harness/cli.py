@@ -137,17 +137,17 @@ def plan_cells(args: argparse.Namespace, workloads: list[str]) -> list[Cell]:
 
 def check_data(workloads: list[str]) -> None:
     """Fail fast when ``$HARNESS_DATA_DIR`` is set but lacks a file a chosen workload reads."""
-    from workloads.data import data_dir
+    from workloads.data import SQUAD_GLOB, WIKITEXT2_FILE, data_dir
 
     local = data_dir()
     if local is None:
         return
     if {"latency", "wikitext2"} & set(workloads):
-        path = local / "wikitext-2-raw-v1" / "test.txt"
+        path = local / WIKITEXT2_FILE
         if not path.is_file():
             raise WorkloadError(f"missing data: {path} (HARNESS_DATA_DIR={os.environ['HARNESS_DATA_DIR']})")
-    if "squad" in workloads and not list((local / "squad_v2").glob("*.json")):
-        raise WorkloadError(f"missing data: {local / 'squad_v2'}/*.json (HARNESS_DATA_DIR={os.environ['HARNESS_DATA_DIR']})")
+    if "squad" in workloads and not list(local.glob(SQUAD_GLOB)):
+        raise WorkloadError(f"missing data: {local / SQUAD_GLOB} (HARNESS_DATA_DIR={os.environ['HARNESS_DATA_DIR']})")
 
 
 def command_run(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 SCHEMA_VERSION = 1
 
@@ -21,14 +21,14 @@ class ResultsError(ValueError):
     """A results file is missing or not in this schema."""
 
 
-def _clean(value: Any) -> Any:
-    """NaN/inf are not JSON: store them as null."""
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN/inf (not JSON) replaced by null, recursively."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -41,7 +41,7 @@ class ResultsWriter:
 
     def append(self, record: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(_clean(record), allow_nan=False) + "\n")
+            handle.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
             handle.flush()
 
 
@@ -68,7 +68,3 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     if not records:
         raise ResultsError(f"{path}: no records")
     return records
-
-
-def ok_records(records: Iterable[dict[str, Any]], workload: str | None = None) -> list[dict[str, Any]]:
-    return [r for r in records if r["status"] == "ok" and (workload is None or r["workload"] == workload)]

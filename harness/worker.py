@@ -34,9 +34,9 @@ def main() -> int:
     events = _event_stream()
 
     def emit(kind: str, **data: Any) -> None:
-        from harness.results import _clean
+        from harness.results import json_safe
 
-        events.write(json.dumps(_clean({"event": kind, **data})) + "\n")
+        events.write(json.dumps(json_safe({"event": kind, **data})) + "\n")
 
     job = json.load(sys.stdin)
     from backends.base import backend_class

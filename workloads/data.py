@@ -15,6 +15,8 @@ from pathlib import Path
 from workloads.base import WorkloadError
 
 ENV_VAR = "HARNESS_DATA_DIR"
+WIKITEXT2_FILE = "wikitext-2-raw-v1/test.txt"  # relative to the data directory
+SQUAD_GLOB = "squad_v2/*.json"
 
 
 def data_dir() -> Path | None:
@@ -41,7 +43,7 @@ def wikitext2_test_text() -> str:
     """
     local = data_dir()
     if local is not None:
-        path = local / "wikitext-2-raw-v1" / "test.txt"
+        path = local / WIKITEXT2_FILE
         if not path.is_file():
             raise WorkloadError(f"WikiText-2 not found: {path} is missing")
         return path.read_text(encoding="utf-8")

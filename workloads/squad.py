@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from workloads.base import Progress, Workload, WorkloadError, WorkloadParams, WorkloadResult
-from workloads.data import ENV_VAR, data_dir
+from workloads.data import ENV_VAR, SQUAD_GLOB, data_dir
 from workloads.squad_scoring import ABSTAIN_WORD, aggregate, normalize_answer, score_prediction
 
 PROMPT_VERSION = "squad-v2-prompt-1"
@@ -95,9 +95,9 @@ def load_squad() -> list[SquadQuestion]:
     """
     local = data_dir()
     if local is not None:
-        files = sorted((local / "squad_v2").glob("*.json"))
+        files = sorted(local.glob(SQUAD_GLOB))
         if not files:
-            raise WorkloadError(f"SQuAD v2.0 not found: no {local / 'squad_v2'}/*.json")
+            raise WorkloadError(f"SQuAD v2.0 not found: no {local / SQUAD_GLOB}")
         return [q for f in files for q in parse_squad_file(f)]
     try:
         import datasets

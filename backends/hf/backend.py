@@ -22,6 +22,8 @@ from backends.base import (
     LoadReport,
     ScoringWindow,
     left_pad,
+    stop_token_set,
+    trim_at_stop,
 )
 from backends.models import ModelSpec, TorchLoadOptions, checkpoint_dir, load_causal_lm, prepare_seconds
 
@@ -171,14 +173,6 @@ def cache_tokens(cache, batch: int) -> int:
     return int(cache.get_seq_length()) * batch
 
 
-def trim_at_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
-    """Cut a generated sequence after its first stop token (the stop token is kept)."""
-    for index, token in enumerate(tokens):
-        if token in stop_ids:
-            return tokens[: index + 1]
-    return tokens
-
-
 class TransformersBackend(Backend):
     """Hugging Face transformers, unquantized: the baseline every other row is compared with.
 
@@ -298,7 +292,7 @@ class TransformersBackend(Backend):
         if self.model is None:
             raise BackendError(f"{self.label}: generate() before load()")
         input_ids, attention_mask = self._pad_batch(prompt_token_ids)
-        stop_ids = list(dict.fromkeys([*self.eos_token_ids, *stop_token_ids]))
+        stop_ids = stop_token_set(self.eos_token_ids, stop_token_ids)
         cache = self.new_cache()
         extra: dict[str, Any] = {}
         batch = input_ids.shape[0]

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from backends.base import Availability, Backend, BackendError, GenerationOutput, LoadReport, ScoringWindow
+from backends.base import (Availability, Backend, BackendError, GenerationOutput, LoadReport, ScoringWindow,
+                           stop_token_set)
 from backends.hf.backend import cpu_flags
 from backends.models import ModelError, ModelSpec, checkpoint_dir, prepare_seconds
 from backends.mlc.quant import MODES
@@ -208,7 +209,7 @@ class MLCBackend(Backend):
             raise BackendError(f"{self.label}: token id out of range [0, {vocab})")
         if len(prompts) > self.kv_options.max_batch:
             raise BackendError(f"{self.label}: batch {len(prompts)} exceeds max_batch {self.kv_options.max_batch}")
-        stops = set(self._eos) | {int(t) for t in stop_token_ids}
+        stops = set(stop_token_set(self._eos, stop_token_ids))
         try:
             # like transformers' min_new_tokens, every stop token is suppressed before the minimum
             tokens, start, steps, extra = self.session.generate(

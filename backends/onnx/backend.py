@@ -23,8 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from backends.base import (Availability, Backend, BackendError, GenerationOutput, LoadReport, ScoringWindow,
-                           left_pad)
-from backends.hf.backend import cuda_available, trim_at_stop
+                           left_pad, stop_token_set, trim_at_stop)
+from backends.hf.backend import cuda_available
 from backends.models import ModelError, ModelSpec, checkpoint_dir, prepare_seconds
 from backends.onnx import artifacts
 from backends.onnx.quantize import Int4Settings, Int8Settings
@@ -445,7 +445,7 @@ class OnnxRuntimeBackend(Backend):
         input_ids, mask = left_pad(prompt_token_ids, layout["pad_id"])
         # Position ids as transformers computes them for left padding: cumsum(mask) - 1, pads at 1.
         positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1)
-        stop_ids = list(dict.fromkeys([*layout["eos_ids"], *(int(t) for t in stop_token_ids)]))
+        stop_ids = stop_token_set(layout["eos_ids"], stop_token_ids)
         stops = np.array(stop_ids, dtype=np.int64)
         min_new = min_new_tokens or 0
         tokens = np.zeros((batch, 0), dtype=np.int64)
