@@ -245,24 +245,31 @@ def paged_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding_window: bo
     return batch_decode_paged_kv
 
 
+# The KV cache registers its kernels under these names; by the time the schedule pass runs, the
+# module's global vars carry the PrimFuncs' own symbols instead. Both are matched.
+RAGGED_PREFILL = ("tir_attention_prefill_ragged_cpu", "batch_prefill_ragged_kv")
+PAGED_DECODE = ("tir_attention_decode_cpu", "batch_decode_paged_kv_cpu")
+PAGED_DECODE_SLIDING = ("tir_attention_decode_cpu_sliding_window", "batch_decode_paged_kv_cpu_sliding_window")
+
+
 def replacement(name: str, func):
     """The fast kernel standing in for the KV cache's PrimFunc ``name``, or None to keep it."""
     try:
-        params = [func.buffer_map[p] for p in func.params if p in func.buffer_map]
-        if name == "tir_attention_prefill_ragged_cpu":
+        params = list(func.params)  # TVM 0.27: buffer params carry .shape / .dtype
+        if name in RAGGED_PREFILL:
             qb, kb = params[0], params[2]
             h_q, d = int(qb.shape[1]), int(qb.shape[2])
             h_kv = int(kb.shape[1])
             if d % VL or h_q % h_kv or int(params[3].shape[2]) != d:
                 return None
             new = ragged_prefill_cpu(h_kv, h_q, d, qb.dtype, _ROPE_SCALING.get("value", {}))
-        elif name in ("tir_attention_decode_cpu", "tir_attention_decode_cpu_sliding_window"):
+        elif name in PAGED_DECODE + PAGED_DECODE_SLIDING:
             qb, pb = params[0], params[1]
             h_q, d = int(qb.shape[1]), int(qb.shape[2])
             h_kv, page_size = int(pb.shape[2]), int(pb.shape[3])
             if d % VL or h_q % h_kv:
                 return None
-            new = paged_decode_cpu(h_kv, h_q, d, qb.dtype, name.endswith("sliding_window"),
+            new = paged_decode_cpu(h_kv, h_q, d, qb.dtype, name in PAGED_DECODE_SLIDING,
                                    _ROPE_SCALING.get("value", {}), page_size)
         else:
             return None

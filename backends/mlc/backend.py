@@ -20,7 +20,7 @@ from backends.base import (Availability, Backend, BackendError, GenerationOutput
                            stop_token_set)
 from backends.hf.backend import cpu_flags
 from backends.models import ModelError, ModelSpec, checkpoint_dir, prepare_seconds
-from backends.mlc.quant import MODES
+from backends.mlc.quant import CPU_COLUMN_TILE, MODES
 
 def tvm_default_device() -> str:
     """``"cuda"`` when TVM's own runtime sees a CUDA device (independent of whether torch is a CPU
@@ -149,14 +149,17 @@ class MLCBackend(Backend):
                                        dtype, target_key(target),
                                        self.options.get("cache_dir"))
         cached = artifacts.is_complete(entry)
+        # CPU kernels read weights in column tiles; dlight's CUDA rules expect plain KN
+        tile_width = CPU_COLUMN_TILE if self.device == "cpu" else 0
         if not cached:
             import tvm
 
             with target:
-                module = build_model(cfg, self.mode, dtype, embed_mode)
+                module = build_model(cfg, self.mode, dtype, embed_mode, tile_width)
                 mod, named = module.export_tvm(export_spec(dtype))
             t0 = time.perf_counter()
-            params = convert(read_checkpoint(directory), cfg, self.mode, dtype, [n for n, _ in named], embed_mode)
+            params = convert(read_checkpoint(directory), cfg, self.mode, dtype, [n for n, _ in named],
+                             embed_mode, tile_width)
             convert_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             executable = compile_module(mod, target, self.mode.quantized)

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from backends.mlc.quant import QuantMode
+from backends.mlc.quant import QuantMode, column_tile
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 
@@ -87,10 +87,12 @@ class LlamaConfig:
         )
 
 
-def build_model(cfg: LlamaConfig, mode: QuantMode, dtype: str, embed_mode: QuantMode | None = None):
+def build_model(cfg: LlamaConfig, mode: QuantMode, dtype: str, embed_mode: QuantMode | None = None,
+                tile_width: int = 0):
     """The ``nn.Module`` for ``cfg`` with weights in ``mode``, activations and KV cache in ``dtype``
     (``"float32"`` or ``"float16"``); the embedding and ``lm_head`` in ``embed_mode`` (default
-    ``mode``, as MLC-LLM quantizes them too). Imports TVM."""
+    ``mode``, as MLC-LLM quantizes them too); weights stored in column tiles of
+    ``column_tile(N, tile_width)`` (``quant.py``; 0 = plain KN). Imports TVM."""
     embed_mode = embed_mode or mode
     from tvm import te, tirx
     from tvm.relax.frontend import nn
@@ -101,13 +103,15 @@ def build_model(cfg: LlamaConfig, mode: QuantMode, dtype: str, embed_mode: Quant
     tracing = {"decode": False}
 
     def weight_expr(params, k, j, mode):
-        """The dequantized weight element ``W[j, k]`` (torch layout), as float32 expression."""
+        """The dequantized weight element ``W[j, k]`` (torch layout), as float32 expression, read
+        from the column-tiled storage ``[N // t, rows, t]``."""
+        t = int(params[0].shape[2])
         if not mode.quantized:
-            return params[0][k, j].astype("float32")
+            return params[0][j // t, k, j % t].astype("float32")
         q, scale = params
         shift = tirx.Cast("uint32", (k % mode.per_word) * mode.bits)
-        code = (q[k // mode.per_word, j] >> shift) & tirx.const((1 << mode.bits) - 1, "uint32")
-        return (code.astype("float32") - float(mode.max_int)) * scale[k // mode.group_size, j].astype("float32")
+        code = (q[j // t, k // mode.per_word, j % t] >> shift) & tirx.const((1 << mode.bits) - 1, "uint32")
+        return (code.astype("float32") - float(mode.max_int)) * scale[j // t, k // mode.group_size, j % t].astype("float32")
 
     class QuantLinear(nn.Module):
         """``y[n, N] = x[n, K] @ W.T`` with ``W`` stored per ``mode`` (see ``quant.py``)."""
@@ -115,12 +119,13 @@ def build_model(cfg: LlamaConfig, mode: QuantMode, dtype: str, embed_mode: Quant
         def __init__(self, in_features: int, out_features: int, wmode: QuantMode = mode):
             self.in_features, self.out_features = in_features, out_features
             self.mode = wmode
+            t = column_tile(out_features, tile_width)
             if wmode.quantized:
                 (wk, wn), (sk, sn) = wmode.packed_shape(in_features, out_features)
-                self.q_weight = nn.Parameter((wk, wn), "uint32")
-                self.q_scale = nn.Parameter((sk, sn), wmode.scale_dtype)
+                self.q_weight = nn.Parameter((wn // t, wk, t), "uint32")
+                self.q_scale = nn.Parameter((sn // t, sk, t), wmode.scale_dtype)
             else:
-                self.weight = nn.Parameter((in_features, out_features), wmode.scale_dtype)
+                self.weight = nn.Parameter((out_features // t, in_features, t), wmode.scale_dtype)
 
         def params(self):
             return [self.q_weight, self.q_scale] if self.mode.quantized else [self.weight]

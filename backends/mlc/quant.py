@@ -8,12 +8,19 @@ symmetric ``N``-bit integers packed into ``uint32`` words with one fp16 / fp32 s
     max_int = 2**(bits-1) - 1;  scale = max|w_group| / max_int
     q = clip(round(w / scale) + max_int, 0, 2*max_int);  w_hat = (q - max_int) * scale
 
-Layout (this backend's, chosen so that CPU kernels vectorise over output columns): a linear
-weight ``W`` of torch shape ``[N, K]`` (out, in) is stored transposed, input-major ("KN" layout,
-as MLC-LLM's ``q4f16_0`` also does): ``packed[K // per_word, N]`` uint32 where word ``(r, n)``
-holds ``W[n, r*per_word + i]`` in bits ``[i*bits, (i+1)*bits)``, ``per_word = 32 // bits``;
-``scale[ceil(K / group), N]``. K need not divide by ``per_word`` or ``group``: the tail is zero
-padded (q3 packs 10 values in 30 bits of each word, group 40, as MLC-LLM's ``q3f16_1``).
+Packing: a linear weight ``W`` of torch shape ``[N, K]`` (out, in) is quantized input-major
+("KN", as MLC-LLM's ``q4f16_0`` also does): ``packed[K // per_word, N]`` uint32 where word
+``(r, n)`` holds ``W[n, r*per_word + i]`` in bits ``[i*bits, (i+1)*bits)``,
+``per_word = 32 // bits``; ``scale[ceil(K / group), N]``. K need not divide by ``per_word`` or
+``group``: the tail is zero padded (q3 packs 10 values in 30 bits of each word, group 40, as
+MLC-LLM's ``q3f16_1``).
+
+Storage layout: the KN arrays (packed words, scales, or unquantized weights) are stored in
+column tiles, ``[N // t, rows, t]`` (``to_column_tiles``), so that the ``t`` output columns a CPU
+kernel accumulates in vector registers read one contiguous block of memory instead of ``rows``
+strided 128-byte pieces: the decode GEMV is memory-bound and streams about 2.6x faster from DRAM
+that way (measured on the 113 MB SmolLM2 lm_head: 11.6 -> 30.7 GB/s). ``t = N`` (one tile) is
+the plain KN layout, used for CUDA where dlight's GEMV/matmul rules expect it.
 """
 
 from __future__ import annotations
@@ -55,8 +62,35 @@ class QuantMode:
         return 2 ** (self.bits - 1) - 1
 
     def packed_shape(self, k: int, n: int) -> tuple[tuple[int, int], tuple[int, int]]:
-        """``(packed shape, scale shape)`` for a ``[N, K]`` torch weight."""
+        """``(packed shape, scale shape)`` in KN form for a ``[N, K]`` torch weight."""
         return (-(-k // self.per_word), n), (-(-k // self.group_size), n)
+
+
+CPU_COLUMN_TILE = 32  # output columns per tile on CPU: 2 AVX-512 / 4 AVX2 float vectors
+
+
+def column_tile(n: int, width: int) -> int:
+    """Columns per stored tile of an ``n``-column weight: ``width`` (a power of two), or the
+    largest power of two dividing ``n`` when ``width`` does not; ``width <= 0`` means one tile
+    (plain KN layout)."""
+    if width <= 0:
+        return n
+    tile = width
+    while n % tile:
+        tile //= 2
+    return tile
+
+
+def to_column_tiles(a: np.ndarray, tile: int) -> np.ndarray:
+    """``[rows, N]`` -> ``[N // tile, rows, tile]`` (contiguous); ``tile`` must divide ``N``."""
+    rows, n = a.shape
+    return np.ascontiguousarray(a.reshape(rows, n // tile, tile).transpose(1, 0, 2))
+
+
+def from_column_tiles(a: np.ndarray) -> np.ndarray:
+    """Inverse of ``to_column_tiles``: ``[N // tile, rows, tile]`` -> ``[rows, N]``."""
+    tiles, rows, tile = a.shape
+    return np.ascontiguousarray(a.transpose(1, 0, 2).reshape(rows, tiles * tile))
 
 
 MODES: dict[str, QuantMode] = {

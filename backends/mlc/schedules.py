@@ -6,12 +6,13 @@ after ``FuseTIR``:
 
 * ``qmm`` blocks (every linear layer, dequantization fused in; ``model.QuantLinear``), loops
   ``(i rows, j output columns, k reduction)`` over a "KN" weight:
-  ``j`` split into ``VJ``-wide vector tiles (parallel over tiles), ``i`` into ``TI`` rows, the
-  ``TI x VJ`` accumulator tile held in registers (``cache_write`` to ``local``), ``k`` innermost
+  ``j`` split into vector tiles as wide as the weight's column tiles (``quant.py``; parallel
+  over tiles), ``i`` into ``TI`` rows, the
+  ``TI x tile`` accumulator held in registers (``cache_write`` to ``local``), ``k`` innermost
   but one, so each weight vector is loaded/unpacked once and FMA'd into ``TI`` rows
   (a register-blocked GEMM; with one row (decode) it is a vectorised GEMV).
 * ``qmv`` blocks (the same layers traced for ``decode``): the GEMV form of the above, one row
-  at a time with a ``1 x VJ`` register accumulator.
+  at a time with a ``1 x tile`` register accumulator.
 * every other non-scheduled block (norms, elementwise, embedding gather): its outermost spatial
   loop parallelised.
 * the paged KV cache's ragged-prefill and decode attention kernels (TVM ships them scalar and
@@ -22,13 +23,20 @@ whole module slower (notes/tvm-0.27.md).
 
 from __future__ import annotations
 
-VJ = 32  # output columns per vector tile (2 AVX-512 / 4 AVX2 float vectors)
+from backends.mlc.quant import CPU_COLUMN_TILE, column_tile
+
 TI = 4  # rows per register tile
+
+
+def _column_split(sch, j):
+    """Split the output-column loop at the weight's storage tile (``quant.column_tile``), so each
+    vector tile reads one contiguous block of the column-tiled weight."""
+    return sch.split(j, [None, column_tile(int(sch.get(j).extent), CPU_COLUMN_TILE)])
 
 
 def _schedule_qmm(sch, block) -> None:
     i, j, k = sch.get_loops(block)
-    jo, ji = sch.split(j, [None, VJ])
+    jo, ji = _column_split(sch, j)
     io, ii = sch.split(i, [None, TI])
     sch.reorder(jo, io, k, ii, ji)
     acc = sch.cache_write(block, 0, "local")
@@ -42,9 +50,9 @@ def _schedule_qmm(sch, block) -> None:
 
 
 def _schedule_qmv(sch, block) -> None:
-    """Decode GEMV: one row at a time, ``VJ`` output columns accumulated in registers."""
+    """Decode GEMV: one row at a time, one column tile accumulated in registers."""
     i, j, k = sch.get_loops(block)
-    jo, ji = sch.split(j, [None, VJ])
+    jo, ji = _column_split(sch, j)
     sch.reorder(jo, i, k, ji)
     acc = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(acc, i)
