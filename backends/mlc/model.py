@@ -25,6 +25,8 @@ from typing import Any
 
 from backends.mlc.quant import QuantMode, column_tile
 
+ROW_PAD = 8  # GEMM rows are padded to a multiple of this (schedules.row_tile() divides it)
+
 SUPPORTED_MODEL_TYPES = ("llama",)
 
 
@@ -141,14 +143,21 @@ def build_model(cfg: LlamaConfig, mode: QuantMode, dtype: str, embed_mode: Quant
 
             def compute(xt, *ps):
                 r = te.reduce_axis((0, kdim), name="k")
+                n = xt.shape[0]
+                # CPU GEMM: rows padded to a multiple of ROW_PAD (the padding rows repeat the last
+                # row) so the scheduled row tiles need no bounds check: the dynamic-length
+                # predicate in the tile loop halved GEMM speed (notes/tvm-0.27.md)
+                padded = block == "qmm" and tile_width > 0
+                rows_out = (n + ROW_PAD - 1) // ROW_PAD * ROW_PAD if padded else n
                 acc = te.compute(
-                    (xt.shape[0], ndim),
-                    lambda i, j: te.sum(xt[i, r].astype("float32") * weight_expr(ps, r, j, wmode), axis=r),
+                    (rows_out, ndim),
+                    lambda i, j: te.sum(xt[te.min(i, n - 1) if padded else i, r].astype("float32")
+                                        * weight_expr(ps, r, j, wmode), axis=r),
                     name=block,
                 )
-                if dtype == "float32":
+                if dtype == "float32" and not padded:
                     return acc
-                return te.compute(acc.shape, lambda i, j: acc[i, j].astype(dtype), name="qmm_cast")
+                return te.compute((n, ndim), lambda i, j: acc[i, j].astype(dtype), name="qmm_out")
 
             y = op.tensor_expr_op(compute, block, [x2, *self.params()])
             return op.reshape(y, lead + [ndim])

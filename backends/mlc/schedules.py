@@ -5,12 +5,12 @@ TVM's stock CPU Relax pipeline schedules no TIR (every kernel is a serial scalar
 after ``FuseTIR``:
 
 * ``qmm`` blocks (every linear layer, dequantization fused in; ``model.QuantLinear``), loops
-  ``(i rows, j output columns, k reduction)`` over a "KN" weight:
-  ``j`` split into vector tiles as wide as the weight's column tiles (``quant.py``; parallel
-  over tiles), ``i`` into ``TI`` rows, the
-  ``TI x tile`` accumulator held in registers (``cache_write`` to ``local``), ``k`` innermost
-  but one, so each weight vector is loaded/unpacked once and FMA'd into ``TI`` rows
-  (a register-blocked GEMM; with one row (decode) it is a vectorised GEMV).
+  ``(i rows, j output columns, k reduction)`` over a column-tiled weight (``quant.py``):
+  ``j`` split into vector tiles as wide as the weight's column tiles (parallel over tiles),
+  ``i`` into ``row_tile()`` rows (``model.py`` pads the rows to a multiple), the
+  ``rows x tile`` accumulator held in registers (``cache_write`` to ``local``), ``k`` innermost
+  but one, so each weight vector is loaded/unpacked once and FMA'd into every row of the tile
+  (a register-blocked GEMM).
 * ``qmv`` blocks (the same layers traced for ``decode``): the GEMV form of the above, one row
   at a time with a ``1 x tile`` register accumulator.
 * every other non-scheduled block (norms, elementwise, embedding gather): its outermost spatial
@@ -25,7 +25,16 @@ from __future__ import annotations
 
 from backends.mlc.quant import CPU_COLUMN_TILE, column_tile
 
-TI = 4  # rows per register tile
+
+
+def row_tile() -> int:
+    """Rows per GEMM register tile: 8 with AVX-512 (8 x 32 floats = 16 of its 32 vector
+    registers), else 4 (AVX2 has 16). Divides ``model.ROW_PAD``."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return 8 if " avx512f" in f.read() else 4
+    except OSError:
+        return 4
 
 
 def _column_split(sch, j):
@@ -37,7 +46,7 @@ def _column_split(sch, j):
 def _schedule_qmm(sch, block) -> None:
     i, j, k = sch.get_loops(block)
     jo, ji = _column_split(sch, j)
-    io, ii = sch.split(i, [None, TI])
+    io, ii = sch.split(i, [None, row_tile()])
     sch.reorder(jo, io, k, ii, ji)
     acc = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(acc, io)
