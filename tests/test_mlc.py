@@ -205,6 +205,26 @@ def test_sliding_window_with_sink_bounds_the_cache(tiny_model, mlc_f32):
         backend_class("mlc")("q0f32", {"attention_sink": 4})
 
 
+@pytest.mark.parametrize("options", [
+    {},  # ragged prefill + paged decode
+    {"prefill_chunk": 7},  # + paged prefill over the history of a chunked prefill, merged states
+    {"sliding_window": 16, "attention_sink": 4},  # sliding-window paged prefill and decode
+], ids=["plain", "chunked", "sliding"])
+def test_fast_attention_kernels_equal_tvm_stock_kernels(tiny_model, options):
+    """attention.py's kernels replace the KV cache's (same signatures): every path they take must
+    give TVM's own kernels' scores and tokens, batched and one sequence at a time."""
+    fast, _ = _mlc(tiny_model, "q0f32", **options)
+    stock, _ = _mlc(tiny_model, "q0f32", attention="stock", **options)
+    assert "quantarena" in fast.info()["attn_implementation"]
+    assert "TVM's own" in stock.info()["attn_implementation"]
+    ids = tuple(range(3000, 3045))
+    np.testing.assert_allclose(fast.loglikelihood([ScoringWindow(ids, 0)])[0],
+                               stock.loglikelihood([ScoringWindow(ids, 0)])[0], atol=2e-5)
+    prompts = PROMPTS + [list(range(4000, 4037))]
+    assert fast.generate(prompts, 24, min_new_tokens=24).token_ids == \
+        stock.generate(prompts, 24, min_new_tokens=24).token_ids
+
+
 def test_context_window_is_enforced(mlc_f32, tiny_model):
     small, _ = _mlc(tiny_model, "q0f32", context_window=16)
     with pytest.raises(BackendError, match="context_window"):

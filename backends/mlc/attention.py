@@ -26,12 +26,126 @@ VL = 16  # vector lanes of the q.k partial sums
 LOG2E = math.log2(math.exp(1))
 
 
-def ragged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str, rope_scaling: dict):
+TQ = 4  # query rows per register tile (prefill)
+NSPLIT = 2  # query tiles of one head are dealt round-robin to this many parallel work items
+EXP2_COEF = [math.log(2) ** n / math.factorial(n) for n in range(7)]  # Taylor, |f| <= 0.5
+
+
+def exp2(x):
+    """``2**x`` as a vectorisable TIR expression (LLVM has no vector exp2; the libm call it emits
+    instead is scalar): ``x = n + f`` with ``n = round(x)``, ``|f| <= 1/2``, a degree-6 Taylor
+    polynomial for ``2**f`` (relative error < 2e-7) times ``2**n`` built in the exponent bits.
+    Inputs below -126 are clamped (the result, ~1e-38, is used as 0 by the callers' masks)."""
+    from tvm.script import tirx as T
+
+    xc = T.max(x, T.float32(-126.0))
+    n = T.floor(xc + T.float32(0.5))
+    f = xc - n
+    p = T.float32(EXP2_COEF[6])
+    for c in reversed(EXP2_COEF[:6]):
+        p = p * f + T.float32(c)
+    return p * T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
+
+
+def _prefill_tile_macros(h_q: int, h_kv: int, d: int, dtype: str, rope_scaling: dict):
+    """The tiled online-softmax core shared by the ragged and paged prefill kernels.
+
+    Both kernels first gather their sequences' keys transposed into ``Kt[h_kv, d, rows]`` and the
+    values into ``Vc[h_kv, rows, d]`` (sequence ``b`` at column/row offset ``off``; ``KB`` zeroed
+    spare rows at the end so a block may read past a sequence without a bounds check); then, per
+    (query head, tile of ``TQ`` query rows), every block of ``KB`` keys is one small register
+    GEMM ``S[TQ, KB] = Q Kt`` vectorised over keys, a masked online-softmax update with a
+    vectorised ``exp2``, and ``O[TQ, d] += P V`` vectorised over ``d``.
+    """
+    from tvm import tirx
     from tvm.relax.frontend.nn.llm._kernel_common import _rope
     from tvm.script import tirx as T
 
     group_size = h_q // h_kv
-    n_vo = d // VL
+
+    @T.macro
+    def tile(q: T.Buffer, q_rope_position: T.Buffer, Kt: T.Buffer, Vc: T.Buffer, output: T.Buffer,
+             lse: T.Buffer, h: T.int32, q0: T.int32, qt: T.int32, qlen: T.int32, off: T.int32,
+             kv_len: T.int32, causal: T.int32, window: T.int32, rotary_mode: T.int32,
+             rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
+        with T.sblock("attn_tile"):
+            T.reads()
+            T.writes()
+            Qt = T.sblock_alloc_buffer((TQ, d), "float32")
+            S = T.sblock_alloc_buffer((TQ, KB), "float32")
+            O = T.sblock_alloc_buffer((TQ, d), "float32")
+            st = T.sblock_alloc_buffer((TQ, 4), "float32")  # m, l, block max, alpha
+            lim = T.sblock_alloc_buffer((TQ, 2), "int32")  # visible keys [lo, hi) of each row
+            hk: T.let[T.int32] = h // group_size
+            for r in T.unroll(TQ):
+                row: T.let[T.int32] = T.min(qt * TQ + r, qlen - 1)
+                for dd in T.serial(d):
+                    Qt[r, dd] = T.if_then_else(
+                        rotary_mode == 1,
+                        _rope(q, q_rope_position[q0 + row], d, rope_theta, rope_scale, (q0 + row, h, dd), dtype, rope_scaling),
+                        q[q0 + row, h, dd],
+                    ).astype("float32") * (sm_scale * LOG2E)
+                for dd in T.vectorized(d):
+                    O[r, dd] = T.float32(0)
+                st[r, 0] = T.float32(-5e4)
+                st[r, 1] = T.float32(0)
+                # visible keys [lo, hi) of this row: TVM's _causal_mask / _causal_or_sliding_cross_mask
+                lim[r, 0] = T.if_then_else(
+                    tirx.And(causal > 0, window > 0), T.max(kv_len - T.max(window - row - 1, 0), 0), 0)
+                lim[r, 1] = T.if_then_else(
+                    tirx.And(causal > 0, window <= 0), T.min(T.max(kv_len - qlen + row + 1, 0), kv_len), kv_len)
+            lo0: T.let[T.int32] = lim[0, 0]
+            hi1: T.let[T.int32] = lim[TQ - 1, 1]
+            for kb in T.serial(T.max(hi1 - lo0 + KB - 1, 0) // KB):
+                c0: T.let[T.int32] = lo0 + kb * KB
+                for r in T.unroll(TQ):
+                    for j in T.vectorized(KB):
+                        S[r, j] = T.float32(0)
+                for dd in T.serial(d):
+                    for r in T.unroll(TQ):
+                        for j in T.vectorized(KB):
+                            S[r, j] = S[r, j] + Qt[r, dd] * Kt[hk, dd, off + c0 + j]
+                for r in T.unroll(TQ):
+                    for j in T.vectorized(KB):
+                        S[r, j] = T.if_then_else(
+                            tirx.And(c0 + j >= lim[r, 0], c0 + j < lim[r, 1]),
+                            S[r, j], T.float32(-5e4))
+                    st[r, 2] = st[r, 0]
+                    for j in T.serial(KB):
+                        st[r, 2] = T.max(st[r, 2], S[r, j])
+                    st[r, 3] = exp2(st[r, 0] - st[r, 2])
+                    st[r, 0] = st[r, 2]
+                    for j in T.vectorized(KB):
+                        S[r, j] = T.if_then_else(S[r, j] > T.float32(-4e4), exp2(S[r, j] - st[r, 0]), T.float32(0))
+                    st[r, 1] = st[r, 1] * st[r, 3]
+                    for j in T.serial(KB):
+                        st[r, 1] = st[r, 1] + S[r, j]
+                    for dd in T.vectorized(d):
+                        O[r, dd] = O[r, dd] * st[r, 3]
+                for j in T.serial(KB):
+                    for r in T.unroll(TQ):
+                        for dd in T.vectorized(d):
+                            O[r, dd] = O[r, dd] + S[r, j] * Vc[hk, off + c0 + j, dd]
+            for r in T.unroll(TQ):
+                if qt * TQ + r < qlen:
+                    if st[r, 1] > T.float32(0):
+                        for dd in T.vectorized(d):
+                            output[q0 + qt * TQ + r, h, dd] = (O[r, dd] / st[r, 1]).astype(dtype)
+                        lse[q0 + qt * TQ + r, h] = st[r, 0] + T.log2(st[r, 1])
+                    else:
+                        for dd in T.vectorized(d):
+                            output[q0 + qt * TQ + r, h, dd] = T.Cast(dtype, T.float32(0))
+                        lse[q0 + qt * TQ + r, h] = T.float32(-5e4)
+
+    return tile
+
+
+def ragged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str, rope_scaling: dict):
+    """Replacement for ``batch_prefill_ragged_kv`` (self-attention of the new tokens)."""
+    from tvm.relax.frontend.nn.llm._kernel_common import _rope
+    from tvm.script import tirx as T
+
+    tile = _prefill_tile_macros(h_q, h_kv, d, dtype, rope_scaling)
 
     @T.prim_func(s_tir=True)
     def batch_prefill_ragged_kv(
@@ -58,78 +172,124 @@ def ragged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str, rope_scaling: di
         k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_pos_offset_elem_offset)
         output = T.match_buffer(var_output, (qo_len, h_q, d), dtype)
         lse = T.match_buffer(var_lse, (qo_len, h_q), "float32")
+        Kt = T.alloc_buffer((h_kv, d, kv_len + KB), "float32")
+        Vc = T.alloc_buffer((h_kv, kv_len + KB, d), "float32")
 
-        for h in T.parallel(h_q):
+        for hk in T.parallel(h_kv):
             for b in T.serial(batch_size):
-                with T.sblock("attn"):
+                with T.sblock("gather"):
                     T.reads()
                     T.writes()
-                    Q_loc = T.sblock_alloc_buffer((d,), "float32")
-                    K_loc = T.sblock_alloc_buffer((d,), "float32")
-                    O_loc = T.sblock_alloc_buffer((d,), "float32")
-                    part = T.sblock_alloc_buffer((VL,), "float32")
-                    S = T.sblock_alloc_buffer((KB,), "float32")
-                    st = T.sblock_alloc_buffer((4,), "float32")  # m, dsum, block max, alpha
-                    hk: T.let[T.int32] = h // group_size
-                    q0: T.let[T.int32] = q_indptr[b]
-                    qlen: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
                     k0: T.let[T.int32] = kv_indptr[b]
                     klen: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
-                    for qi in T.serial(qlen):
+                    for pos in T.serial(klen):
                         for dd in T.serial(d):
-                            Q_loc[dd] = T.if_then_else(
+                            Kt[hk, dd, k0 + pos] = T.if_then_else(
                                 rotary_mode == 1,
-                                _rope(q, q_rope_position[q0 + qi], d, rope_theta, rope_scale, (q0 + qi, h, dd), dtype, rope_scaling),
-                                q[q0 + qi, h, dd],
-                            ).astype("float32") * (sm_scale * LOG2E)
+                                _rope(k, k_rope_pos_offset[b] + pos, d, rope_theta, rope_scale, (k0 + pos, hk, dd), dtype, rope_scaling),
+                                k[k0 + pos, hk, dd],
+                            ).astype("float32")
                         for dd in T.vectorized(d):
-                            O_loc[dd] = T.float32(0)
-                        st[0] = T.float32(-5e4)
-                        st[1] = T.float32(0)
-                        kend: T.let[T.int32] = T.if_then_else(
-                            causal > 0, T.max(T.min(klen - qlen + qi + 1, klen), 0), klen)
-                        for kb in T.serial((kend + KB - 1) // KB):
-                            for j in T.serial(KB):
-                                kk: T.let[T.int32] = T.min(kb * KB + j, kend - 1)
-                                for l in T.vectorized(VL):
-                                    part[l] = T.float32(0)
-                                if rotary_mode == 1:
-                                    for dd in T.serial(d):
-                                        K_loc[dd] = _rope(k, k_rope_pos_offset[b] + kk, d, rope_theta, rope_scale, (k0 + kk, hk, dd), dtype, rope_scaling).astype("float32")
-                                    for vo in T.serial(n_vo):
-                                        for l in T.vectorized(VL):
-                                            part[l] = part[l] + Q_loc[vo * VL + l] * K_loc[vo * VL + l]
-                                else:
-                                    for vo in T.serial(n_vo):
-                                        for l in T.vectorized(VL):
-                                            part[l] = part[l] + Q_loc[vo * VL + l] * k[k0 + kk, hk, vo * VL + l].astype("float32")
-                                S[j] = T.float32(0)
-                                for l in T.serial(VL):
-                                    S[j] = S[j] + part[l]
-                                S[j] = T.if_then_else(kb * KB + j < kend, S[j], T.float32(-5e4))
-                            st[2] = st[0]
-                            for j in T.serial(KB):
-                                st[2] = T.max(st[2], S[j])
-                            st[3] = T.exp2(st[0] - st[2])
-                            st[1] = st[1] * st[3]
-                            for dd in T.vectorized(d):
-                                O_loc[dd] = O_loc[dd] * st[3]
-                            st[0] = st[2]
-                            for j in T.serial(KB):
-                                S[j] = T.if_then_else(kb * KB + j < kend, T.exp2(S[j] - st[0]), T.float32(0))
-                                st[1] = st[1] + S[j]
-                                for dd in T.vectorized(d):
-                                    O_loc[dd] = O_loc[dd] + S[j] * v[k0 + T.min(kb * KB + j, kend - 1), hk, dd].astype("float32")
-                        if st[1] > T.float32(0):
-                            for dd in T.vectorized(d):
-                                output[q0 + qi, h, dd] = (O_loc[dd] / st[1]).astype(dtype)
-                            lse[q0 + qi, h] = st[0] + T.log2(st[1])
-                        else:
-                            for dd in T.vectorized(d):
-                                output[q0 + qi, h, dd] = T.Cast(dtype, T.float32(0))
-                            lse[q0 + qi, h] = T.float32(-5e4)
+                            Vc[hk, k0 + pos, dd] = v[k0 + pos, hk, dd].astype("float32")
+                    # zeroed spare rows (the next sequence overwrites them)
+                    for pos in T.serial(KB):
+                        for dd in T.serial(d):
+                            Kt[hk, dd, k0 + klen + pos] = T.float32(0)
+                        for dd in T.vectorized(d):
+                            Vc[hk, k0 + klen + pos, dd] = T.float32(0)
+        for item in T.parallel(h_q * NSPLIT):
+            for b in T.serial(batch_size):
+                for t in T.serial((T.ceildiv(q_indptr[b + 1] - q_indptr[b], TQ) + NSPLIT - 1 - item % NSPLIT) // NSPLIT):
+                    tile(q, q_rope_position, Kt, Vc, output, lse, item // NSPLIT, q_indptr[b],
+                         t * NSPLIT + item % NSPLIT, q_indptr[b + 1] - q_indptr[b], kv_indptr[b],
+                         kv_indptr[b + 1] - kv_indptr[b], causal, 0, rotary_mode, rope_scale, rope_theta,
+                         sm_scale)
 
     return batch_prefill_ragged_kv
+
+
+def paged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding_window: bool,
+                      rope_scaling: dict, page_size: int, sliding_window_size: int):
+    """Replacement for ``batch_prefill_paged_kv_cpu[_sliding_window]`` (attention of the new tokens
+    to a sequence's KV pages: the history of a chunked prefill, or everything with a sliding
+    window). Masks as TVM's kernel (``_causal_or_sliding_cross_mask`` with the cache's
+    ``layer_sliding_window_size`` when ``sliding_window``)."""
+    from tvm.relax.frontend.nn.llm._kernel_common import (
+        _declare_length_info, _get_kv_chunk_len, _get_seq_offset, _rope)
+    from tvm.script import tirx as T
+
+    tile = _prefill_tile_macros(h_q, h_kv, d, dtype, rope_scaling)
+    window = sliding_window_size if sliding_window else 0
+
+    @T.prim_func(s_tir=True)
+    def batch_prefill_paged_kv_cpu(
+        var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle, var_page_indptr: T.handle,
+        var_page_values: T.handle, var_length_info: T.handle, var_k_rope_pos_offset: T.handle,
+        var_q_rope_position: T.handle, var_output: T.handle, var_lse: T.handle,
+        causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        batch_size = T.int32()
+        total_len = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        q_indptr_elem_offset = T.int32()
+        page_indptr_elem_offset = T.int32()
+        page_values_elem_offset = T.int32()
+        k_rope_pos_offset_elem_offset = T.int32()
+        q_rope_position_elem_offset = T.int32()
+        length_info_elem_offset = T.int32()
+        q = T.match_buffer(var_q, (total_len, h_q, d), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_elem_offset)
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, h_kv, page_size, d), dtype)
+        page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32", elem_offset=page_indptr_elem_offset)
+        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=page_values_elem_offset)
+        k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_pos_offset_elem_offset)
+        q_rope_position = T.match_buffer(var_q_rope_position, (total_len,), "int32", elem_offset=q_rope_position_elem_offset)
+        output = T.match_buffer(var_output, (total_len, h_q, d), dtype)
+        lse = T.match_buffer(var_lse, (total_len, h_q), "float32")
+        length_info = _declare_length_info(var_length_info, batch_size, sliding_window, length_info_elem_offset)
+        Kt = T.alloc_buffer((h_kv, d, nnz_pages * page_size + KB), "float32")
+        Vc = T.alloc_buffer((h_kv, nnz_pages * page_size + KB, d), "float32")
+
+        for hk in T.parallel(h_kv):
+            for b in T.serial(batch_size):
+                with T.sblock("gather"):
+                    T.reads()
+                    T.writes()
+                    pbeg: T.let[T.int32] = page_indptr[b]
+                    pend: T.let[T.int32] = page_indptr[b + 1]
+                    off: T.let[T.int32] = (pbeg - page_indptr[0]) * page_size
+                    klen: T.let[T.int32] = T.if_then_else(
+                        pbeg != pend, _get_kv_chunk_len(pend - pbeg, page_size, b, length_info, sliding_window), 0)
+                    for pos in T.serial(klen):
+                        so: T.let[T.int32] = _get_seq_offset(pos, b, length_info, sliding_window)
+                        pno: T.let[T.int32] = page_values[pbeg + so // page_size]
+                        for dd in T.serial(d):
+                            Kt[hk, dd, off + pos] = T.if_then_else(
+                                rotary_mode == 1,
+                                _rope(pages, k_rope_pos_offset[b] + pos, d, rope_theta, rope_scale, (pno, 0, hk, so % page_size, dd), dtype, rope_scaling),
+                                pages[pno, 0, hk, so % page_size, dd],
+                            ).astype("float32")
+                        for dd in T.vectorized(d):
+                            Vc[hk, off + pos, dd] = pages[pno, 1, hk, so % page_size, dd].astype("float32")
+                    for pos in T.serial(KB):
+                        for dd in T.serial(d):
+                            Kt[hk, dd, off + klen + pos] = T.float32(0)
+                        for dd in T.vectorized(d):
+                            Vc[hk, off + klen + pos, dd] = T.float32(0)
+        for item in T.parallel(h_q * NSPLIT):
+            for b in T.serial(batch_size):
+                for t in T.serial((T.ceildiv(q_indptr[b + 1] - q_indptr[b], TQ) + NSPLIT - 1 - item % NSPLIT) // NSPLIT):
+                    tile(q, q_rope_position, Kt, Vc, output, lse, item // NSPLIT, q_indptr[b],
+                         t * NSPLIT + item % NSPLIT, q_indptr[b + 1] - q_indptr[b],
+                         (page_indptr[b] - page_indptr[0]) * page_size,
+                         T.if_then_else(page_indptr[b] != page_indptr[b + 1],
+                                        _get_kv_chunk_len(page_indptr[b + 1] - page_indptr[b], page_size, b, length_info, sliding_window), 0),
+                         causal, window, rotary_mode, rope_scale, rope_theta, sm_scale)
+
+    return batch_prefill_paged_kv_cpu
 
 
 def paged_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding_window: bool,
@@ -220,17 +380,19 @@ def paged_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding_window: bo
                     st[2] = st[0]
                     for j in T.serial(KB):
                         st[2] = T.max(st[2], S[j])
-                    st[3] = T.exp2(st[0] - st[2])
+                    st[3] = exp2(st[0] - st[2])
                     st[1] = st[1] * st[3]
                     for dd in T.vectorized(d):
                         O_loc[dd] = O_loc[dd] * st[3]
                     st[0] = st[2]
+                    for j in T.vectorized(KB):
+                        S[j] = T.if_then_else(kb * KB + j < kend, exp2(S[j] - st[0]), T.float32(0))
+                    for j in T.serial(KB):
+                        st[1] = st[1] + S[j]
                     for j in T.serial(KB):
                         row2: T.let[T.int32] = T.min(kb * KB + j, kend - 1)
                         off2: T.let[T.int32] = _get_seq_offset(row2, b, length_info, sliding_window)
                         pno2: T.let[T.int32] = page_table_values[pbeg + off2 // page_size]
-                        S[j] = T.if_then_else(kb * KB + j < kend, T.exp2(S[j] - st[0]), T.float32(0))
-                        st[1] = st[1] + S[j]
                         for dd in T.vectorized(d):
                             O_loc[dd] = O_loc[dd] + S[j] * pages[pno2, 1, hk, off2 % page_size, dd].astype("float32")
                 if st[1] > T.float32(0):
@@ -250,6 +412,18 @@ def paged_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding_window: bo
 RAGGED_PREFILL = ("tir_attention_prefill_ragged_cpu", "batch_prefill_ragged_kv")
 PAGED_DECODE = ("tir_attention_decode_cpu", "batch_decode_paged_kv_cpu")
 PAGED_DECODE_SLIDING = ("tir_attention_decode_cpu_sliding_window", "batch_decode_paged_kv_cpu_sliding_window")
+PAGED_PREFILL = ("tir_attention_prefill_cpu", "batch_prefill_paged_kv_cpu")
+PAGED_PREFILL_SLIDING = ("tir_attention_prefill_cpu_sliding_window", "batch_prefill_paged_kv_cpu_sliding_window")
+
+
+def _layer_sliding_window_size() -> int:
+    """The per-layer window TVM's sliding-window prefill kernel masks with: the cache's
+    ``layer_sliding_window_size``, which ``model.py`` leaves at TVM's default."""
+    import inspect
+
+    from tvm.relax.frontend.nn.llm.kv_cache import TIRPagedKVCache
+
+    return int(inspect.signature(TIRPagedKVCache.__init__).parameters["layer_sliding_window_size"].default)
 
 
 def replacement(name: str, func):
@@ -260,7 +434,7 @@ def replacement(name: str, func):
             qb, kb = params[0], params[2]
             h_q, d = int(qb.shape[1]), int(qb.shape[2])
             h_kv = int(kb.shape[1])
-            if d % VL or h_q % h_kv or int(params[3].shape[2]) != d:
+            if h_q % h_kv or int(params[3].shape[2]) != d:
                 return None
             new = ragged_prefill_cpu(h_kv, h_q, d, qb.dtype, _ROPE_SCALING.get("value", {}))
         elif name in PAGED_DECODE + PAGED_DECODE_SLIDING:
@@ -271,6 +445,14 @@ def replacement(name: str, func):
                 return None
             new = paged_decode_cpu(h_kv, h_q, d, qb.dtype, name in PAGED_DECODE_SLIDING,
                                    _ROPE_SCALING.get("value", {}), page_size)
+        elif name in PAGED_PREFILL + PAGED_PREFILL_SLIDING:
+            qb, pb = params[0], params[2]
+            h_q, d = int(qb.shape[1]), int(qb.shape[2])
+            h_kv, page_size = int(pb.shape[2]), int(pb.shape[3])
+            if h_q % h_kv:
+                return None
+            new = paged_prefill_cpu(h_kv, h_q, d, qb.dtype, name in PAGED_PREFILL_SLIDING,
+                                    _ROPE_SCALING.get("value", {}), page_size, _layer_sliding_window_size())
         else:
             return None
     except Exception:  # noqa: BLE001 - unexpected shape: keep the stock kernel

@@ -43,8 +43,9 @@ class MLCBackend(Backend):
     parallel call in the process), and the KV-cache settings of ``runtime.KVOptions``:
     ``context_window``, ``prefill_chunk``, ``sliding_window``, ``attention_sink``,
     ``max_batch`` (tokens / sequences); ``quantize_embedding`` (``1`` default, as MLC-LLM;
-    ``0`` keeps embedding / lm_head unquantized in the scale dtype); ``cache_dir`` (compiled-artifact cache, default
-    ``cache_root()/mlc``).
+    ``0`` keeps embedding / lm_head unquantized in the scale dtype); ``attention`` (``fast`` default:
+    this backend's parallel, vectorised CPU attention kernels; ``stock``: TVM's own scalar ones, for
+    A/B comparisons); ``cache_dir`` (compiled-artifact cache, default ``cache_root()/mlc``).
     """
 
     name = "mlc"
@@ -77,6 +78,9 @@ class MLCBackend(Backend):
             self.kv_options = KVOptions(**values)
         except (TypeError, ValueError) as exc:
             raise BackendError(f"{self.label}: bad KV-cache option: {exc}") from None
+        self.attention = str(self.options.get("attention", "fast"))
+        if self.attention not in ("fast", "stock"):
+            raise BackendError(f"{self.label}: attention must be fast or stock, got {self.attention!r}")
         o = self.kv_options
         if o.prefill_chunk <= 0 or o.max_batch <= 0:
             raise BackendError(f"{self.label}: prefill_chunk and max_batch must be positive")
@@ -145,7 +149,9 @@ class MLCBackend(Backend):
         dtype = self.compute_dtype
         embed_mode = self.embed_mode
         target = make_target(self.device, self.options.get("threads"))
-        entry = artifacts.artifact_dir(directory, self.variant + ("" if embed_mode is self.mode else "-embf"),
+        fast_attention = self.device == "cpu" and self.attention == "fast"
+        suffix = ("" if embed_mode is self.mode else "-embf") + ("-stockattn" if self.attention == "stock" else "")
+        entry = artifacts.artifact_dir(directory, self.variant + suffix,
                                        dtype, target_key(target),
                                        self.options.get("cache_dir"))
         cached = artifacts.is_complete(entry)
@@ -162,7 +168,7 @@ class MLCBackend(Backend):
                              embed_mode, tile_width)
             convert_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            executable = compile_module(mod, target, self.mode.quantized)
+            executable = compile_module(mod, target, self.mode.quantized, fast_attention)
             compile_s = time.perf_counter() - t0
             artifacts.save(entry, executable, params, {
                 "convert_s": convert_s, "compile_s": compile_s, "tvm": tvm.__version__,
@@ -252,7 +258,10 @@ class MLCBackend(Backend):
             "compute_dtype": self.compute_dtype,
             "compute_note": fp16_note,
             **self._info,
-            "attn_implementation": "TVM TIRPagedKVCache kernels (fused-QKV, RoPE in cache)",
+            "attn_implementation": "TVM TIRPagedKVCache (fused-QKV, RoPE in cache); " + (
+                "CPU kernels: quantarena's tiled, parallel, vectorised attention (backends/mlc/attention.py)"
+                if self.device == "cpu" and self.attention == "fast" else
+                "TVM's own attention kernels (dlight on CUDA; scalar, single-threaded on CPU)"),
             "kv_cache": {
                 "type": "paged (tvm.relax.frontend.nn.llm.kv_cache.TIRPagedKVCache)",
                 "dtype": self.compute_dtype, "page_size": o.page_size,
@@ -267,7 +276,8 @@ class MLCBackend(Backend):
             "quantization": {
                 "format": f"mlc-{mode.name}", "bits": mode.bits, "group_size": mode.group_size,
                 "scale_dtype": mode.scale_dtype, "storage": "uint32" if mode.quantized else mode.scale_dtype,
-                "layout": "KN (input-major)",
+                "layout": ("KN (input-major), column tiles of 32" if self.device == "cpu"
+                           else "KN (input-major)"),
                 "embedding_and_lm_head": self.embed_mode.name,
                 "fused_dequantize_matmul": True,
             },

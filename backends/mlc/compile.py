@@ -36,8 +36,10 @@ def target_key(target) -> str:
     return f"llvm-{target.attrs.get('mcpu', '')}"
 
 
-def relax_pipeline(target, gpu_matmul_rule: bool = True):
+def relax_pipeline(target, gpu_matmul_rule: bool = True, fast_attention: bool = True):
     """TVM's default Relax pipeline for ``target`` with this backend's scheduling after FuseTIR.
+
+    ``fast_attention=False`` keeps the KV cache's own CPU attention kernels (A/B comparisons).
 
     ``gpu_matmul_rule=False`` leaves dlight's ``gpu.Matmul`` out: in TVM 0.27 it segfaults (in
     ``Tensorize``) on the unquantized fp16 model, whose matmuls then get the GEMV/fallback rules.
@@ -56,7 +58,7 @@ def relax_pipeline(target, gpu_matmul_rule: bool = True):
 
         from backends.mlc.schedules import cpu_schedule_pass
 
-        schedule = [cpu_schedule_pass()]
+        schedule = [cpu_schedule_pass(fast_attention)]
     legalize = [
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
@@ -77,8 +79,8 @@ def relax_pipeline(target, gpu_matmul_rule: bool = True):
     return _pipeline
 
 
-def compile_module(mod, target, quantized: bool = True):
+def compile_module(mod, target, quantized: bool = True, fast_attention: bool = True):
     """``tvm.compile`` the exported IRModule for ``target``; returns the VM executable."""
     import tvm
 
-    return tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, gpu_matmul_rule=quantized))
+    return tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, quantized, fast_attention))

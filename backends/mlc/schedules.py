@@ -15,8 +15,8 @@ after ``FuseTIR``:
   at a time with a ``1 x tile`` register accumulator.
 * every other non-scheduled block (norms, elementwise, embedding gather): its outermost spatial
   loop parallelised.
-* the paged KV cache's ragged-prefill and decode attention kernels (TVM ships them scalar and
-  single-threaded) are replaced by the parallel, vectorised ones in ``attention.py``.
+* the paged KV cache's prefill (ragged and paged) and decode attention kernels (TVM ships them
+  scalar and single-threaded) are replaced by the parallel, vectorised ones in ``attention.py``.
 It also sets ``tirx.noalias`` on every PrimFunc: one function without it made LLVM codegen of the
 whole module slower (notes/tvm-0.27.md).
 """
@@ -114,8 +114,9 @@ def schedule_primfunc(func):
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-def cpu_schedule_pass():
-    """A module pass applying ``schedule_primfunc`` to every PrimFunc."""
+def cpu_schedule_pass(fast_attention: bool = True):
+    """A module pass applying ``schedule_primfunc`` to every PrimFunc, after swapping the KV
+    cache's attention kernels for ``attention.py``'s (unless ``fast_attention`` is False)."""
     import tvm
     from tvm import tirx
 
@@ -126,7 +127,7 @@ def cpu_schedule_pass():
         out = tvm.IRModule({}, attrs=mod.attrs)
         for gv, func in mod.functions.items():
             if isinstance(func, tirx.PrimFunc):
-                fast = attention.replacement(gv.name_hint, func)
+                fast = attention.replacement(gv.name_hint, func) if fast_attention else None
                 out[gv] = fast if fast is not None else schedule_primfunc(func)
             else:
                 out[gv] = func
