@@ -20,7 +20,7 @@ import numpy as np
 
 from backends.models import cache_root
 
-_SOURCES = ("model.py", "quant.py", "schedules.py", "attention.py", "compile.py", "convert.py")
+_SOURCES = ("model.py", "quant.py", "schedules.py", "attention.py", "fastmath.py", "compile.py", "convert.py")
 
 
 def source_hash() -> str:

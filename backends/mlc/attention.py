@@ -19,32 +19,12 @@ prefill), tree attention, and the merge/copy kernels.
 
 from __future__ import annotations
 
-import math
+from backends.mlc.fastmath import LOG2E, exp2
 
 KB = 16  # keys per online-softmax block
-VL = 16  # vector lanes of the q.k partial sums
-LOG2E = math.log2(math.exp(1))
-
-
+VL = 16  # vector lanes of the decode q.k partial sums
 TQ = 4  # query rows per register tile (prefill)
 NSPLIT = 2  # query tiles of one head are dealt round-robin to this many parallel work items
-EXP2_COEF = [math.log(2) ** n / math.factorial(n) for n in range(7)]  # Taylor, |f| <= 0.5
-
-
-def exp2(x):
-    """``2**x`` as a vectorisable TIR expression (LLVM has no vector exp2; the libm call it emits
-    instead is scalar): ``x = n + f`` with ``n = round(x)``, ``|f| <= 1/2``, a degree-6 Taylor
-    polynomial for ``2**f`` (relative error < 2e-7) times ``2**n`` built in the exponent bits.
-    Inputs below -126 are clamped (the result, ~1e-38, is used as 0 by the callers' masks)."""
-    from tvm.script import tirx as T
-
-    xc = T.max(x, T.float32(-126.0))
-    n = T.floor(xc + T.float32(0.5))
-    f = xc - n
-    p = T.float32(EXP2_COEF[6])
-    for c in reversed(EXP2_COEF[:6]):
-        p = p * f + T.float32(c)
-    return p * T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
 
 
 def _prefill_tile_macros(h_q: int, h_kv: int, d: int, dtype: str, rope_scaling: dict):

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from backends.mlc import fastmath
 from backends.mlc.quant import QuantMode, column_tile
 
 ROW_PAD = 8  # GEMM rows are padded to a multiple of this (schedules.row_tile() divides it)
@@ -175,6 +176,21 @@ def build_model(cfg: LlamaConfig, mode: QuantMode, dtype: str, embed_mode: Quant
 
             return op.tensor_expr_op(compute, "embed", [ids, *self.params()])
 
+    def swiglu(gate_up: Tensor) -> Tensor:
+        """``silu(gate) * up`` of the fused ``[..., 2I]`` projection, with the polynomial
+        ``fastmath.silu`` (TVM's sigmoid is a scalar libm call per element on CPU)."""
+        inter = cfg.intermediate_size
+
+        def compute(gu):
+            return te.compute(
+                (*gu.shape[:-1], inter),
+                lambda *i: (fastmath.silu(gu[(*i[:-1], i[-1])].astype("float32"))
+                            * gu[(*i[:-1], i[-1] + inter)].astype("float32")).astype(dtype),
+                name="swiglu",
+            )
+
+        return op.tensor_expr_op(compute, "swiglu", [gate_up])
+
     class Attention(nn.Module):
         def __init__(self, layer_id: int):
             self.layer_id = layer_id
@@ -197,8 +213,7 @@ def build_model(cfg: LlamaConfig, mode: QuantMode, dtype: str, embed_mode: Quant
             self.down_proj = QuantLinear(cfg.intermediate_size, cfg.hidden_size)
 
         def forward(self, x: Tensor) -> Tensor:
-            gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
-            return self.down_proj(op.silu(gate) * up)
+            return self.down_proj(swiglu(self.gate_up_proj(x)))
 
     class Layer(nn.Module):
         def __init__(self, layer_id: int):
