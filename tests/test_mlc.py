@@ -13,7 +13,8 @@ import pytest
 pytest.importorskip("tvm")
 
 from backends.base import BackendError, ScoringWindow, backend_class, variant_availability  # noqa: E402
-from backends.mlc.quant import MODES, dequantize, fake_quantize, quantize, unpack  # noqa: E402
+from backends.mlc.quant import (MODES, column_tile, dequantize, fake_quantize, from_column_tiles,  # noqa: E402
+                               quantize, to_column_tiles, unpack)
 from backends.models import checkpoint_dir, load_tokenizer, resolve_model  # noqa: E402
 
 QUANTIZED = [m for m in MODES.values() if m.quantized]
@@ -63,6 +64,39 @@ def test_more_bits_quantize_more_precisely():
     errors = {m: np.abs(fake_quantize(w, MODES[m]) - w).mean() for m in ("q3f16_1", "q4f16_1", "q8f16_1")}
     assert errors["q8f16_1"] < errors["q4f16_1"] < errors["q3f16_1"]
     assert np.abs(fake_quantize(w, MODES["q4f16_1"]) - w).mean() < np.abs(fake_quantize(w, MODES["q4f16_0"]) - w).mean()
+
+
+def test_column_tiles_round_trip_and_tile_width():
+    a = np.arange(5 * 96, dtype=np.float32).reshape(5, 96)
+    tiled = to_column_tiles(a, 32)
+    assert tiled.shape == (3, 5, 32) and tiled.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(tiled[1], a[:, 32:64])  # one tile = 32 adjacent output columns
+    np.testing.assert_array_equal(from_column_tiles(tiled), a)
+    assert column_tile(3072, 32) == 32 and column_tile(48, 32) == 16 and column_tile(7, 32) == 1
+    assert column_tile(96, 0) == 96  # plain KN (CUDA)
+
+
+def test_fastmath_exp2_and_silu_match_numpy():
+    """The polynomial exp2 / SiLU the kernels use, compiled for this CPU, against numpy (float64)."""
+    import tvm
+    from tvm import te
+
+    from backends.mlc.compile import make_target
+    from backends.mlc.fastmath import exp2, silu
+
+    x = np.concatenate([np.linspace(-130, 20, 4001), [-5e4, 0.0, 0.5, -0.5]]).astype(np.float32)
+    inp = te.placeholder((len(x),), "float32", name="x")
+    out = te.compute(inp.shape, lambda i: exp2(inp[i]), name="e")
+    out2 = te.compute(inp.shape, lambda i: silu(inp[i]), name="s")
+    lib = tvm.compile(te.create_prim_func([inp, out, out2]), target=make_target("cpu"))
+    res = [tvm.runtime.tensor(np.zeros_like(x)) for _ in range(2)]
+    lib["main"](tvm.runtime.tensor(x), *res)
+    e, s = (r.numpy() for r in res)
+    ref = np.exp2(np.maximum(x.astype(np.float64), -126))
+    np.testing.assert_allclose(e, ref, rtol=1e-6)
+    xd = x.astype(np.float64)
+    # float32 rounding of x*log2(e) alone costs ~5e-6 relative where exp2 takes ~80-126
+    np.testing.assert_allclose(s, xd / (1 + np.exp(-np.clip(xd, -87, 87))), rtol=1e-5, atol=1e-30)
 
 
 # --- compiled tiny model ---------------------------------------------------------------------

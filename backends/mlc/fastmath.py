@@ -29,7 +29,7 @@ def exp2(x):
 
 
 def silu(x):
-    """``x * sigmoid(x) = x / (1 + 2**(-x log2 e))`` with ``exp2`` above (relative error < 1e-6)."""
+    """``x * sigmoid(x) = x / (1 + 2**(-x log2 e))`` with ``exp2`` above (relative error < 1e-5)."""
     from tvm.script import tirx as T
 
     return x / (T.float32(1.0) + exp2(-x * T.float32(LOG2E)))
