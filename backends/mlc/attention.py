@@ -2,19 +2,20 @@
 
 ``TIRPagedKVCache`` builds its llvm attention kernels as scalar, single-threaded TIR (one serial
 loop nest per batch, every head and query row inside it). ``schedules.cpu_schedule_pass`` swaps
-these PrimFuncs (found by their global names in the IRModule) for the kernels below, which keep
-the exact signatures and semantics (causal mask, GQA, sliding window + attention sink through the
-same length-info helpers, inline RoPE when ``rotary_mode == 1``, the log2-sum-exp ``lse`` output
-the cache merges states with):
+these PrimFuncs (found by their symbols, ``RAGGED_PREFILL`` etc. below) for the kernels here,
+which keep the exact signatures and semantics (causal mask, GQA, sliding window + attention sink
+through the same length-info helpers, inline RoPE when ``rotary_mode == 1``, the log2-sum-exp
+``lse`` output the cache merges states with):
 
-* parallel over query heads (ragged prefill) / over (sequence, head) pairs (decode);
-* online softmax over blocks of ``KB`` keys (one rescale of the accumulator per block);
-* q.k dot products as ``VL``-lane vector FMAs over ``head_dim`` and one horizontal sum;
-  p.V accumulation vectorised over ``head_dim``;
-* causal rows stop at their last visible key (the stock kernel walks the masked keys too).
+* prefill, ragged (the new tokens) and paged (a sequence's pages: chunked-prefill history,
+  sliding window): keys gathered transposed into a workspace, then per (head, 4 query rows)
+  each block of ``KB`` keys is a register GEMM, a masked online-softmax update and ``P V``
+  (``_prefill_tile_macros``);
+* decode: per (sequence, KV head, key range) the whole GQA group at once, each K/V row read once
+  per group; key ranges merged in a second pass (split-K, as flash-decoding);
+* ``exp2`` is ``fastmath.exp2`` (vectorisable; LLVM calls scalar libm for TIR's ``exp2``).
 
-Left stock (scalar): the paged prefill kernel (history of a chunked prefill / sliding window
-prefill), tree attention, and the merge/copy kernels.
+Left stock (scalar): tree attention (speculative decoding, unused here) and the merge/copy kernels.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ KB = 16  # keys per online-softmax block
 VL = 16  # vector lanes of the decode q.k partial sums
 TQ = 4  # query rows per register tile (prefill)
 NSPLIT = 2  # query tiles of one head are dealt round-robin to this many parallel work items
+MIN_DECODE_ITEMS = 4  # decode: parallel work items per sequence at least (key ranges x KV heads)
 
 
 def _prefill_tile_macros(h_q: int, h_kv: int, d: int, dtype: str, rope_scaling: dict):
@@ -272,14 +274,28 @@ def paged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding_window: b
     return batch_prefill_paged_kv_cpu
 
 
+def decode_splits(h_kv: int) -> int:
+    """Key ranges each (sequence, KV head) of a decode step is split into, so one sequence has at
+    least ``MIN_DECODE_ITEMS`` parallel work items (split-K, as flash-decoding)."""
+    return -(-MIN_DECODE_ITEMS // h_kv)
+
+
 def paged_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding_window: bool,
                      rope_scaling: dict, page_size: int):
+    """Replacement for ``batch_decode_paged_kv_cpu[_sliding_window]`` (one new token per sequence).
+
+    One work item per (sequence, KV head, key range): the ``G = h_q / h_kv`` query heads sharing
+    the KV head are processed together, so each key and value row is read once per group instead
+    of once per query head; each item keeps an unnormalised online-softmax state (max, sum,
+    ``O[G, d]``) per head, and a second parallel pass merges the key ranges' states.
+    """
     from tvm.relax.frontend.nn.llm._kernel_common import (
         _declare_length_info, _get_kv_chunk_len, _get_seq_offset, _rope)
     from tvm.script import tirx as T
 
-    group_size = h_q // h_kv
+    group = h_q // h_kv
     n_vo = d // VL
+    ns = decode_splits(h_kv)
 
     @T.prim_func(s_tir=True)
     def batch_decode_paged_kv(
@@ -307,78 +323,111 @@ def paged_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding_window: bo
         output = T.match_buffer(output_handle, (B, h_q, d), dtype)
         lse = T.match_buffer(lse_handle, (B, h_q), "float32")
         length_info = _declare_length_info(var_length_info, B, sliding_window, length_info_elem_offset)
+        O_part = T.alloc_buffer((B, h_q, ns, d), "float32")
+        m_part = T.alloc_buffer((B, h_q, ns), "float32")
+        l_part = T.alloc_buffer((B, h_q, ns), "float32")
 
-        for bh in T.parallel(B * h_q):
+        for item in T.parallel(B * h_kv * ns):
             with T.sblock("attn"):
                 T.reads()
                 T.writes()
-                Q_loc = T.sblock_alloc_buffer((d,), "float32")
+                Q_loc = T.sblock_alloc_buffer((group, d), "float32")
                 K_loc = T.sblock_alloc_buffer((d,), "float32")
-                O_loc = T.sblock_alloc_buffer((d,), "float32")
-                part = T.sblock_alloc_buffer((VL,), "float32")
-                S = T.sblock_alloc_buffer((KB,), "float32")
-                st = T.sblock_alloc_buffer((4,), "float32")
-                b: T.let[T.int32] = bh // h_q
-                h: T.let[T.int32] = bh % h_q
-                hk: T.let[T.int32] = h // group_size
+                O_loc = T.sblock_alloc_buffer((group, d), "float32")
+                part = T.sblock_alloc_buffer((group, VL), "float32")
+                S = T.sblock_alloc_buffer((group, KB), "float32")
+                st = T.sblock_alloc_buffer((group, 3), "float32")  # m, l, alpha
+                b: T.let[T.int32] = item // (h_kv * ns)
+                hk: T.let[T.int32] = item // ns % h_kv
                 pbeg: T.let[T.int32] = page_table_indptr[b]
                 pend: T.let[T.int32] = page_table_indptr[b + 1]
                 kend: T.let[T.int32] = T.if_then_else(
                     pbeg != pend, _get_kv_chunk_len(pend - pbeg, page_size, b, length_info, sliding_window), 0)
-                for dd in T.serial(d):
-                    Q_loc[dd] = T.if_then_else(
-                        rotary_mode == 1,
-                        _rope(Q, q_rope_position[b], d, rope_theta, rope_scale, (b, h, dd), dtype, rope_scaling),
-                        Q[b, h, dd],
-                    ).astype("float32") * (sm_scale * LOG2E)
-                for dd in T.vectorized(d):
-                    O_loc[dd] = T.float32(0)
-                st[0] = T.float32(-5e4)
-                st[1] = T.float32(0)
-                for kb in T.serial((kend + KB - 1) // KB):
+                per: T.let[T.int32] = T.ceildiv(T.ceildiv(kend, ns), KB) * KB
+                k0: T.let[T.int32] = T.min(item % ns * per, kend)
+                k1: T.let[T.int32] = T.min(k0 + per, kend)
+                for g in T.serial(group):
+                    for dd in T.serial(d):
+                        Q_loc[g, dd] = T.if_then_else(
+                            rotary_mode == 1,
+                            _rope(Q, q_rope_position[b], d, rope_theta, rope_scale, (b, hk * group + g, dd), dtype, rope_scaling),
+                            Q[b, hk * group + g, dd],
+                        ).astype("float32") * (sm_scale * LOG2E)
+                    for dd in T.vectorized(d):
+                        O_loc[g, dd] = T.float32(0)
+                    st[g, 0] = T.float32(-5e4)
+                    st[g, 1] = T.float32(0)
+                for kb in T.serial(T.ceildiv(k1 - k0, KB)):
                     for j in T.serial(KB):
-                        row: T.let[T.int32] = T.min(kb * KB + j, kend - 1)
+                        row: T.let[T.int32] = T.min(k0 + kb * KB + j, k1 - 1)
                         off: T.let[T.int32] = _get_seq_offset(row, b, length_info, sliding_window)
                         pno: T.let[T.int32] = page_table_values[pbeg + off // page_size]
                         poff: T.let[T.int32] = off % page_size
-                        for l in T.vectorized(VL):
-                            part[l] = T.float32(0)
+                        for g in T.serial(group):
+                            for l in T.vectorized(VL):
+                                part[g, l] = T.float32(0)
                         if rotary_mode == 1:
                             for dd in T.serial(d):
                                 K_loc[dd] = _rope(pages, k_rope_pos_offset[b] + row, d, rope_theta, rope_scale, (pno, 0, hk, poff, dd), dtype, rope_scaling).astype("float32")
-                            for vo in T.serial(n_vo):
-                                for l in T.vectorized(VL):
-                                    part[l] = part[l] + Q_loc[vo * VL + l] * K_loc[vo * VL + l]
                         else:
-                            for vo in T.serial(n_vo):
+                            for dd in T.vectorized(d):
+                                K_loc[dd] = pages[pno, 0, hk, poff, dd].astype("float32")
+                        for vo in T.serial(n_vo):
+                            for g in T.serial(group):
                                 for l in T.vectorized(VL):
-                                    part[l] = part[l] + Q_loc[vo * VL + l] * pages[pno, 0, hk, poff, vo * VL + l].astype("float32")
-                        S[j] = T.float32(0)
-                        for l in T.serial(VL):
-                            S[j] = S[j] + part[l]
-                        S[j] = T.if_then_else(kb * KB + j < kend, S[j], T.float32(-5e4))
-                    st[2] = st[0]
+                                    part[g, l] = part[g, l] + Q_loc[g, vo * VL + l] * K_loc[vo * VL + l]
+                        for g in T.serial(group):
+                            S[g, j] = T.float32(0)
+                            for l in T.serial(VL):
+                                S[g, j] = S[g, j] + part[g, l]
+                            S[g, j] = T.if_then_else(k0 + kb * KB + j < k1, S[g, j], T.float32(-5e4))
+                    for g in T.serial(group):
+                        st[g, 2] = st[g, 0]
+                        for j in T.serial(KB):
+                            st[g, 2] = T.max(st[g, 2], S[g, j])
+                        for j in T.vectorized(KB):
+                            S[g, j] = T.if_then_else(k0 + kb * KB + j < k1, exp2(S[g, j] - st[g, 2]), T.float32(0))
+                        st[g, 1] = st[g, 1] * exp2(st[g, 0] - st[g, 2])
+                        for dd in T.vectorized(d):
+                            O_loc[g, dd] = O_loc[g, dd] * exp2(st[g, 0] - st[g, 2])
+                        st[g, 0] = st[g, 2]
+                        for j in T.serial(KB):
+                            st[g, 1] = st[g, 1] + S[g, j]
                     for j in T.serial(KB):
-                        st[2] = T.max(st[2], S[j])
-                    st[3] = exp2(st[0] - st[2])
-                    st[1] = st[1] * st[3]
-                    for dd in T.vectorized(d):
-                        O_loc[dd] = O_loc[dd] * st[3]
-                    st[0] = st[2]
-                    for j in T.vectorized(KB):
-                        S[j] = T.if_then_else(kb * KB + j < kend, exp2(S[j] - st[0]), T.float32(0))
-                    for j in T.serial(KB):
-                        st[1] = st[1] + S[j]
-                    for j in T.serial(KB):
-                        row2: T.let[T.int32] = T.min(kb * KB + j, kend - 1)
+                        row2: T.let[T.int32] = T.min(k0 + kb * KB + j, k1 - 1)
                         off2: T.let[T.int32] = _get_seq_offset(row2, b, length_info, sliding_window)
                         pno2: T.let[T.int32] = page_table_values[pbeg + off2 // page_size]
-                        for dd in T.vectorized(d):
-                            O_loc[dd] = O_loc[dd] + S[j] * pages[pno2, 1, hk, off2 % page_size, dd].astype("float32")
-                if st[1] > T.float32(0):
+                        for g in T.serial(group):
+                            for dd in T.vectorized(d):
+                                O_loc[g, dd] = O_loc[g, dd] + S[g, j] * pages[pno2, 1, hk, off2 % page_size, dd].astype("float32")
+                for g in T.serial(group):
                     for dd in T.vectorized(d):
-                        output[b, h, dd] = (O_loc[dd] / st[1]).astype(dtype)
-                    lse[b, h] = st[0] + T.log2(st[1])
+                        O_part[b, hk * group + g, item % ns, dd] = O_loc[g, dd]
+                    m_part[b, hk * group + g, item % ns] = st[g, 0]
+                    l_part[b, hk * group + g, item % ns] = st[g, 1]
+        for bh in T.parallel(B * h_q):
+            with T.sblock("merge"):
+                T.reads()
+                T.writes()
+                O_acc = T.sblock_alloc_buffer((d,), "float32")
+                ml = T.sblock_alloc_buffer((3,), "float32")  # max, sum, scale
+                b: T.let[T.int32] = bh // h_q
+                h: T.let[T.int32] = bh % h_q
+                ml[0] = T.float32(-5e4)
+                for sp in T.serial(ns):
+                    ml[0] = T.max(ml[0], m_part[b, h, sp])
+                ml[1] = T.float32(0)
+                for dd in T.vectorized(d):
+                    O_acc[dd] = T.float32(0)
+                for sp in T.serial(ns):
+                    ml[2] = exp2(m_part[b, h, sp] - ml[0])
+                    ml[1] = ml[1] + l_part[b, h, sp] * ml[2]
+                    for dd in T.vectorized(d):
+                        O_acc[dd] = O_acc[dd] + O_part[b, h, sp, dd] * ml[2]
+                if ml[1] > T.float32(0):
+                    for dd in T.vectorized(d):
+                        output[b, h, dd] = (O_acc[dd] / ml[1]).astype(dtype)
+                    lse[b, h] = ml[0] + T.log2(ml[1])
                 else:
                     for dd in T.vectorized(d):
                         output[b, h, dd] = T.Cast(dtype, T.float32(0))
