@@ -38,6 +38,8 @@ def _prefill_tile_macros(h_q: int, h_kv: int, d: int, dtype: str, rope_scaling: 
     (query head, tile of ``TQ`` query rows), every block of ``KB`` keys is one small register
     GEMM ``S[TQ, KB] = Q Kt`` vectorised over keys, a masked online-softmax update with a
     vectorised ``exp2``, and ``O[TQ, d] += P V`` vectorised over ``d``.
+
+    Returns the macros ``(zero_spare_rows, head_tiles)`` the two kernels call.
     """
     from tvm import tirx
     from tvm.relax.frontend.nn.llm._kernel_common import _rope
@@ -119,7 +121,28 @@ def _prefill_tile_macros(h_q: int, h_kv: int, d: int, dtype: str, rope_scaling: 
                             output[q0 + qt * TQ + r, h, dd] = T.Cast(dtype, T.float32(0))
                         lse[q0 + qt * TQ + r, h] = T.float32(-5e4)
 
-    return tile
+    @T.macro
+    def zero_spare_rows(Kt: T.Buffer, Vc: T.Buffer, hk: T.int32, start: T.int32):
+        """Zero ``KB`` workspace rows after a sequence (the next sequence overwrites them)."""
+        for pos in T.serial(KB):
+            for dd in T.serial(d):
+                Kt[hk, dd, start + pos] = T.float32(0)
+            for dd in T.vectorized(d):
+                Vc[hk, start + pos, dd] = T.float32(0)
+
+    @T.macro
+    def head_tiles(q: T.Buffer, q_rope_position: T.Buffer, Kt: T.Buffer, Vc: T.Buffer,
+                   output: T.Buffer, lse: T.Buffer, item: T.int32, q0: T.int32, qlen: T.int32,
+                   off: T.int32, kv_len: T.int32, causal: T.int32, window: T.int32,
+                   rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32,
+                   sm_scale: T.float32):
+        """Work item ``item`` (head ``item // NSPLIT``) takes every ``NSPLIT``-th query tile of one
+        sequence (causal tiles grow with the row index: dealing them round-robin balances)."""
+        for t in T.serial((T.ceildiv(qlen, TQ) + NSPLIT - 1 - item % NSPLIT) // NSPLIT):
+            tile(q, q_rope_position, Kt, Vc, output, lse, item // NSPLIT, q0, t * NSPLIT + item % NSPLIT,
+                 qlen, off, kv_len, causal, window, rotary_mode, rope_scale, rope_theta, sm_scale)
+
+    return zero_spare_rows, head_tiles
 
 
 def ragged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str, rope_scaling: dict):
@@ -127,7 +150,7 @@ def ragged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str, rope_scaling: di
     from tvm.relax.frontend.nn.llm._kernel_common import _rope
     from tvm.script import tirx as T
 
-    tile = _prefill_tile_macros(h_q, h_kv, d, dtype, rope_scaling)
+    zero_spare_rows, head_tiles = _prefill_tile_macros(h_q, h_kv, d, dtype, rope_scaling)
 
     @T.prim_func(s_tir=True)
     def batch_prefill_ragged_kv(
@@ -173,19 +196,12 @@ def ragged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str, rope_scaling: di
                             ).astype("float32")
                         for dd in T.vectorized(d):
                             Vc[hk, k0 + pos, dd] = v[k0 + pos, hk, dd].astype("float32")
-                    # zeroed spare rows (the next sequence overwrites them)
-                    for pos in T.serial(KB):
-                        for dd in T.serial(d):
-                            Kt[hk, dd, k0 + klen + pos] = T.float32(0)
-                        for dd in T.vectorized(d):
-                            Vc[hk, k0 + klen + pos, dd] = T.float32(0)
+                    zero_spare_rows(Kt, Vc, hk, k0 + klen)
         for item in T.parallel(h_q * NSPLIT):
             for b in T.serial(batch_size):
-                for t in T.serial((T.ceildiv(q_indptr[b + 1] - q_indptr[b], TQ) + NSPLIT - 1 - item % NSPLIT) // NSPLIT):
-                    tile(q, q_rope_position, Kt, Vc, output, lse, item // NSPLIT, q_indptr[b],
-                         t * NSPLIT + item % NSPLIT, q_indptr[b + 1] - q_indptr[b], kv_indptr[b],
-                         kv_indptr[b + 1] - kv_indptr[b], causal, 0, rotary_mode, rope_scale, rope_theta,
-                         sm_scale)
+                head_tiles(q, q_rope_position, Kt, Vc, output, lse, item, q_indptr[b],
+                           q_indptr[b + 1] - q_indptr[b], kv_indptr[b], kv_indptr[b + 1] - kv_indptr[b],
+                           causal, 0, rotary_mode, rope_scale, rope_theta, sm_scale)
 
     return batch_prefill_ragged_kv
 
@@ -200,7 +216,7 @@ def paged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding_window: b
         _declare_length_info, _get_kv_chunk_len, _get_seq_offset, _rope)
     from tvm.script import tirx as T
 
-    tile = _prefill_tile_macros(h_q, h_kv, d, dtype, rope_scaling)
+    zero_spare_rows, head_tiles = _prefill_tile_macros(h_q, h_kv, d, dtype, rope_scaling)
     window = sliding_window_size if sliding_window else 0
 
     @T.prim_func(s_tir=True)
@@ -256,20 +272,14 @@ def paged_prefill_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding_window: b
                             ).astype("float32")
                         for dd in T.vectorized(d):
                             Vc[hk, off + pos, dd] = pages[pno, 1, hk, so % page_size, dd].astype("float32")
-                    for pos in T.serial(KB):
-                        for dd in T.serial(d):
-                            Kt[hk, dd, off + klen + pos] = T.float32(0)
-                        for dd in T.vectorized(d):
-                            Vc[hk, off + klen + pos, dd] = T.float32(0)
+                    zero_spare_rows(Kt, Vc, hk, off + klen)
         for item in T.parallel(h_q * NSPLIT):
             for b in T.serial(batch_size):
-                for t in T.serial((T.ceildiv(q_indptr[b + 1] - q_indptr[b], TQ) + NSPLIT - 1 - item % NSPLIT) // NSPLIT):
-                    tile(q, q_rope_position, Kt, Vc, output, lse, item // NSPLIT, q_indptr[b],
-                         t * NSPLIT + item % NSPLIT, q_indptr[b + 1] - q_indptr[b],
-                         (page_indptr[b] - page_indptr[0]) * page_size,
-                         T.if_then_else(page_indptr[b] != page_indptr[b + 1],
-                                        _get_kv_chunk_len(page_indptr[b + 1] - page_indptr[b], page_size, b, length_info, sliding_window), 0),
-                         causal, window, rotary_mode, rope_scale, rope_theta, sm_scale)
+                head_tiles(q, q_rope_position, Kt, Vc, output, lse, item, q_indptr[b],
+                           q_indptr[b + 1] - q_indptr[b], (page_indptr[b] - page_indptr[0]) * page_size,
+                           T.if_then_else(page_indptr[b] != page_indptr[b + 1],
+                                          _get_kv_chunk_len(page_indptr[b + 1] - page_indptr[b], page_size, b, length_info, sliding_window), 0),
+                           causal, window, rotary_mode, rope_scale, rope_theta, sm_scale)
 
     return batch_prefill_paged_kv_cpu
 
