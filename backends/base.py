@@ -231,6 +231,23 @@ def variant_availability(name: str, variant: str) -> Availability:
     return cls.availability(variant)
 
 
+def check_token_ids(label: str, token_ids: Sequence[int], vocab_size: int) -> None:
+    """Raises ``BackendError`` (prefixed with ``label``) if an id lies outside ``[0, vocab_size)``."""
+    bad = next((t for t in token_ids if not 0 <= int(t) < vocab_size), None)
+    if bad is not None:
+        raise BackendError(f"{label}: token id {bad} is out of range, outside the vocabulary [0, {vocab_size})")
+
+
+def check_prompts(label: str, prompt_token_ids: Sequence[Sequence[int]], vocab_size: int) -> None:
+    """Raises ``BackendError``: no prompts, an empty prompt, or a token id outside the vocabulary."""
+    if not prompt_token_ids:
+        raise BackendError(f"{label}: no prompts")
+    for row, prompt in enumerate(prompt_token_ids):
+        if len(prompt) == 0:
+            raise BackendError(f"{label}: empty prompt (row {row})")
+        check_token_ids(label, prompt, vocab_size)
+
+
 def left_pad(prompt_token_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Left-pad a batch of prompts, as batched decoder-only generation needs.
 

@@ -29,6 +29,7 @@ from backends.models import ModelSpec, TorchLoadOptions, checkpoint_dir, load_ca
 
 
 @functools.lru_cache(maxsize=1)
+@functools.cache
 def cpu_flags() -> frozenset[str]:
     """The host CPU's feature flags from /proc/cpuinfo (empty where that file does not exist)."""
     try:

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from backends.base import Availability, BackendError, GenerationOutput, ScoringWindow
+from backends.base import Availability, BackendError, GenerationOutput, ScoringWindow, check_token_ids
 from backends.hf.backend import TransformersBackend, cuda_available, default_device
 from backends.models import TorchLoadOptions
 
@@ -270,8 +270,7 @@ class KVQuantBackend(TransformersBackend):
         vocab = self.model.config.get_text_config(decoder=True).vocab_size
         results = []
         for window in windows:
-            if any(not 0 <= t < vocab for t in window.token_ids):
-                raise BackendError(f"{self.label}: token id outside the vocabulary (0..{vocab - 1})")
+            check_token_ids(self.label, window.token_ids, vocab)
             if window.n_scored == 0:
                 results.append(np.zeros(0))
                 continue

@@ -449,6 +449,9 @@ def paged_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding_window: bo
 # The KV cache registers its kernels under these names; by the time the schedule pass runs, the
 # module's global vars carry the PrimFuncs' own symbols instead. Both are matched.
 RAGGED_PREFILL = ("tir_attention_prefill_ragged_cpu", "batch_prefill_ragged_kv")
+# The model applies RoPE before the cache (RopeMode.NORMAL), so the kernels' inline-RoPE branch
+# (rotary_mode == 1) never runs here; it is built without rope scaling.
+INLINE_ROPE_SCALING: dict = {}
 PAGED_DECODE = ("tir_attention_decode_cpu", "batch_decode_paged_kv_cpu")
 PAGED_DECODE_SLIDING = ("tir_attention_decode_cpu_sliding_window", "batch_decode_paged_kv_cpu_sliding_window")
 PAGED_PREFILL = ("tir_attention_prefill_cpu", "batch_prefill_paged_kv_cpu")
@@ -475,7 +478,7 @@ def replacement(name: str, func):
             h_kv = int(kb.shape[1])
             if h_q % h_kv or int(params[3].shape[2]) != d:
                 return None
-            new = ragged_prefill_cpu(h_kv, h_q, d, qb.dtype, _ROPE_SCALING.get("value", {}))
+            new = ragged_prefill_cpu(h_kv, h_q, d, qb.dtype, INLINE_ROPE_SCALING)
         elif name in PAGED_DECODE + PAGED_DECODE_SLIDING:
             qb, pb = params[0], params[1]
             h_q, d = int(qb.shape[1]), int(qb.shape[2])
@@ -483,7 +486,7 @@ def replacement(name: str, func):
             if d % VL or h_q % h_kv:
                 return None
             new = paged_decode_cpu(h_kv, h_q, d, qb.dtype, name in PAGED_DECODE_SLIDING,
-                                   _ROPE_SCALING.get("value", {}), page_size)
+                                   INLINE_ROPE_SCALING, page_size)
         elif name in PAGED_PREFILL + PAGED_PREFILL_SLIDING:
             qb, pb = params[0], params[2]
             h_q, d = int(qb.shape[1]), int(qb.shape[2])
@@ -491,7 +494,7 @@ def replacement(name: str, func):
             if h_q % h_kv:
                 return None
             new = paged_prefill_cpu(h_kv, h_q, d, qb.dtype, name in PAGED_PREFILL_SLIDING,
-                                    _ROPE_SCALING.get("value", {}), page_size, _layer_sliding_window_size())
+                                    INLINE_ROPE_SCALING, page_size, _layer_sliding_window_size())
         else:
             return None
     except Exception:  # noqa: BLE001 - unexpected shape: keep the stock kernel
@@ -499,8 +502,3 @@ def replacement(name: str, func):
     if func.attrs is not None and "global_symbol" in func.attrs:
         new = new.with_attr("global_symbol", func.attrs["global_symbol"])
     return new
-
-
-# rope_scaling of the model being compiled (only used when the cache applies RoPE inline,
-# rotary_mode == 1; the model's cache uses RopeMode.NORMAL, where RoPE is applied before).
-_ROPE_SCALING: dict = {}

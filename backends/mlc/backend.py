@@ -17,10 +17,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from backends.base import (Availability, Backend, BackendError, GenerationOutput, LoadReport, ScoringWindow,
-                           stop_token_set)
+                           check_prompts, check_token_ids, stop_token_set)
 from backends.hf.backend import cpu_flags
 from backends.models import ModelError, ModelSpec, checkpoint_dir, prepare_seconds
 from backends.mlc.quant import CPU_COLUMN_TILE, MODES
+
 
 def tvm_default_device() -> str:
     """``"cuda"`` when TVM's own runtime sees a CUDA device (independent of whether torch is a CPU
@@ -209,13 +210,9 @@ class MLCBackend(Backend):
         if self.session is None:
             raise BackendError(f"{self.label}: generate() before load()")
         prompts = [list(map(int, p)) for p in prompt_token_ids]
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise BackendError(f"{self.label}: empty prompt")
+        check_prompts(self.label, prompts, self.cfg.vocab_size)
         if max_new_tokens < 1:
             raise BackendError(f"{self.label}: max_new_tokens must be >= 1")
-        vocab = self.cfg.vocab_size
-        if any(t < 0 or t >= vocab for p in prompts for t in p):
-            raise BackendError(f"{self.label}: token id out of range [0, {vocab})")
         if len(prompts) > self.kv_options.max_batch:
             raise BackendError(f"{self.label}: batch {len(prompts)} exceeds max_batch {self.kv_options.max_batch}")
         stops = set(stop_token_set(self._eos, stop_token_ids))
@@ -236,8 +233,7 @@ class MLCBackend(Backend):
                 results.append(np.zeros(0))
                 continue
             ids = [int(t) for t in window.token_ids]
-            if any(t < 0 or t >= self.cfg.vocab_size for t in ids):
-                raise BackendError(f"{self.label}: token id out of range [0, {self.cfg.vocab_size})")
+            check_token_ids(self.label, ids, self.cfg.vocab_size)
             results.append(self.session.score(ids, window.first_scored))
         return results
 

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from backends.base import (Availability, Backend, BackendError, GenerationOutput, LoadReport, ScoringWindow,
-                           left_pad, stop_token_set, trim_at_stop)
+                           check_prompts, left_pad, stop_token_set, trim_at_stop)
 from backends.hf.backend import cuda_available
 from backends.models import ModelError, ModelSpec, checkpoint_dir, prepare_seconds
 from backends.onnx import artifacts
@@ -371,15 +371,6 @@ class OnnxRuntimeBackend(Backend):
         return "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
 
     # --- running the graph -------------------------------------------------------------------
-    def _check_tokens(self, sequences: Sequence[Sequence[int]]) -> None:
-        vocab = self._layout["vocab"]
-        for row, sequence in enumerate(sequences):
-            if len(sequence) == 0:
-                raise BackendError(f"{self.label}: empty prompt (row {row})")
-            bad = [t for t in sequence if not 0 <= int(t) < vocab]
-            if bad:
-                raise BackendError(f"{self.label}: token id {bad[0]} outside the vocabulary [0, {vocab})")
-
     def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
              past: list | None, last_only: bool):
         """One forward pass with I/O binding.
@@ -435,11 +426,9 @@ class OnnxRuntimeBackend(Backend):
     ) -> GenerationOutput:
         if self.session is None:
             raise BackendError(f"{self.label}: generate() before load()")
-        if not prompt_token_ids:
-            raise BackendError(f"{self.label}: no prompts")
         if max_new_tokens < 1:
             raise BackendError(f"{self.label}: max_new_tokens must be >= 1, got {max_new_tokens}")
-        self._check_tokens(prompt_token_ids)
+        check_prompts(self.label, prompt_token_ids, self._layout["vocab"])
         layout = self._layout
         batch = len(prompt_token_ids)
         input_ids, mask = left_pad(prompt_token_ids, layout["pad_id"])
@@ -484,7 +473,7 @@ class OnnxRuntimeBackend(Backend):
             if window.n_scored == 0:
                 results.append(np.zeros(0))
                 continue
-            self._check_tokens([window.token_ids])
+            check_prompts(self.label, [window.token_ids], self._layout["vocab"])
             ids = np.array([window.token_ids], dtype=np.int64)
             mask = np.ones_like(ids)
             positions = np.arange(ids.shape[1], dtype=np.int64)[None]
