@@ -3,7 +3,13 @@
 The contract is modelled on lm-evaluation-harness's small model API (``loglikelihood``,
 ``generate_until``) plus what a latency benchmark needs (per-token timestamps, memory, load cost),
 as optimum-benchmark separates a backend from the scenario that measures it. A backend knows
-nothing about workloads; workloads only call the methods below.
+nothing about workloads; workloads only call the public methods below.
+
+What this layer owns, so that it is the same for every backend: option parsing (``Options``),
+request validation, the ``load`` clock (entry to a first generated token: weights resident),
+one-time preparation reported under one vocabulary (``Preparation``), the scoring loop over
+windows, and the special tokens. A backend implements ``_load``, ``_generate``, ``_score`` and
+``info`` (``docs/adding-a-backend.md`` walks through one).
 
 Time stamps are ``time.perf_counter()`` seconds throughout; byte counts are plain ``int`` bytes.
 """
@@ -11,18 +17,25 @@ Time stamps are ``time.perf_counter()`` seconds throughout; byte counts are plai
 from __future__ import annotations
 
 import abc
+import dataclasses
 import importlib
+import random
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from backends.models import ModelSpec
+from backends.models import ModelError, ModelSpec, checkpoint_dir, prepare_seconds
+from backends.options import BackendOptions, OptionError, parse_options
+from backends.tokens import SpecialTokens, check_prompts
 
 
 class BackendError(RuntimeError):
-    """A backend could not do what was asked (bad variant, failed load, unsupported model)."""
+    """A backend could not do what was asked (bad variant or option, failed load, unsupported
+    model, a request it cannot serve); the message is one line."""
 
 
 @dataclass(frozen=True)
@@ -42,35 +55,114 @@ class Availability:
 
 
 @dataclass
-class LoadReport:
-    """What loading cost.
+class Preparation:
+    """One-time work before a load, cached on disk, under one vocabulary for every backend.
+
+    Seconds are those measured when the artifact was built (also reported on a cache hit, so a
+    reader sees what a cold start costs); ``wall_s`` is what this call spent.
 
     Attributes:
-        load_s: wall seconds from ``load()`` entry to a model ready to generate.
-        weight_bytes: bytes of the weights as stored in memory (parameters + buffers; quantized
-            tensors at their packed size, scales and other quantization state included).
-        extra: backend-specific costs, e.g. ``{"export_s": ..., "quantize_s": ...,
-            "artifact_bytes": ...}`` for compiled or exported backends (seconds, bytes).
+        checkpoint_s: the shared checkpoint conversion (GGUF -> transformers, random init).
+        export_s: graph export (ONNX). quantize_s: offline weight quantization (ONNX).
+        convert_s: weight conversion / quantization into the engine's layout (TVM).
+        compile_s: compilation (TVM).
+        artifact_bytes: bytes of the cached artifact on disk. artifact_dir: where it is.
+        cache_hit: the artifact was found complete in the cache (None: nothing beyond the checkpoint).
+        wall_s: wall seconds of preparation in this call (about 0 on a cache hit).
+    """
+
+    checkpoint_s: float | None = None
+    export_s: float | None = None
+    quantize_s: float | None = None
+    convert_s: float | None = None
+    compile_s: float | None = None
+    artifact_bytes: int | None = None
+    artifact_dir: str | None = None
+    cache_hit: bool | None = None
+    wall_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    """What a backend's ``_load`` returns: ``weight_bytes`` (parameters and buffers as stored,
+    quantized tensors at their packed size with their scales) and backend-specific ``details``
+    (e.g. ONNX Runtime's session-creation seconds)."""
+
+    weight_bytes: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoadReport:
+    """What loading cost (measured by ``Backend.load``, the same for every backend).
+
+    Attributes:
+        load_s: wall seconds from ``load()`` entry, after preparation, to the first token of a
+            one-token generation: the model is ready, its weights resident (memory-mapped weights
+            are paged in by that first forward pass). ``load_call_s + first_forward_s``.
+        load_call_s: the backend's own loading (reading weights, building sessions / VMs).
+        first_forward_s: the first one-token generation.
+        weight_bytes: see ``LoadedModel``.
+        preparation: one-time work (``Preparation``), not part of ``load_s``.
+        details: backend-specific extras.
     """
 
     load_s: float
+    load_call_s: float
+    first_forward_s: float
     weight_bytes: int
-    extra: dict[str, Any] = field(default_factory=dict)
+    preparation: Preparation = field(default_factory=Preparation)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record's ``load`` field: ``prepare`` holds the preparation, ``details`` the extras."""
+        return {"load_s": self.load_s, "weight_bytes": self.weight_bytes, "load_call_s": self.load_call_s,
+                "first_forward_s": self.first_forward_s, "prepare": self.preparation.to_dict(),
+                "details": dict(self.details)}
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One batched greedy generation (vLLM's ``RequestFuncInput`` in spirit).
+
+    Attributes:
+        prompt_token_ids: ``[batch][n_in]`` token ids; lengths may differ.
+        max_new_tokens: the most tokens to generate per prompt (>= 1).
+        min_new_tokens: stop tokens are suppressed before this many; ``max_new_tokens`` gives an
+            exact output length (latency runs).
+        stop_token_ids: a sequence stops after emitting one of these or an end-of-sequence id.
+    """
+
+    prompt_token_ids: tuple[tuple[int, ...], ...]
+    max_new_tokens: int
+    min_new_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def longest_prompt(self) -> int:
+        return max(len(p) for p in self.prompt_token_ids)
 
 
 @dataclass
 class GenerationOutput:
-    """The result of one batched greedy generation.
+    """The result of one batched greedy generation (vLLM's ``RequestFuncOutput`` in spirit).
 
     Attributes:
-        token_ids: one list of generated token ids per prompt (prompt excluded), ``[batch][n_out]``.
+        token_ids: one list of generated token ids per prompt (prompt excluded), ``[batch][<= n_out]``.
         start_s: ``perf_counter()`` just before the backend received the prompt.
         step_times_s: ``perf_counter()`` taken as each decoding step's tokens became available on
             the host, one per generated position (``len == max(len(t) for t in token_ids)``).
             ``step_times_s[0] - start_s`` is the time to first token (TTFT).
-        extra: backend measurements taken during this call, e.g. ``kv_cache_bytes`` (bytes the KV
-            cache holds at the end: payload, scales and any full-precision residual) and
-            ``kv_cache_bytes_prefill`` (the same right after prefill), where the backend can tell.
+        extra: measurements taken during this call: ``kv_cache_bytes`` (bytes the KV cache holds at
+            the end: payload, scales and any full-precision residual), ``kv_cache_bytes_prefill``
+            (the same right after prefill), ``kv_cache_tokens`` where the backend can tell.
     """
 
     token_ids: list[list[int]]
@@ -108,47 +200,128 @@ class ScoringWindow:
 class Backend(abc.ABC):
     """One inference engine, in one variant (a quantization format / precision / cache setting).
 
-    Subclasses set the class attributes and implement the abstract methods. The life cycle is
-    ``availability()`` -> ``__init__(variant, options)`` -> ``load(model)`` -> any number of
-    ``generate`` / ``loglikelihood`` / ``memory`` calls -> ``close()``.
+    Life cycle: ``availability(variant)`` -> ``__init__(variant, options)`` -> ``load(model)`` ->
+    any number of ``generate`` / ``loglikelihood`` / ``memory`` calls -> ``close()``.
 
     Class attributes:
         name: registry key, e.g. ``"hf"``.
         variants: variant name -> one-line description, e.g. ``{"nf4": "bitsandbytes 4-bit NormalFloat"}``.
         default_variants: what ``--backends NAME`` alone expands to.
+        Options: the typed options (a ``BackendOptions`` subclass).
+
+    Raises (construction):
+        BackendError: an unknown variant, or options that ``Options`` or ``check_options`` reject.
     """
 
     name: ClassVar[str]
     variants: ClassVar[dict[str, str]]
     default_variants: ClassVar[tuple[str, ...]]
+    Options: ClassVar[type[BackendOptions]] = BackendOptions
 
-    def __init__(self, variant: str, options: dict[str, Any] | None = None):
+    def __init__(self, variant: str, options: Mapping[str, Any] | BackendOptions | None = None):
         if variant not in self.variants:
             raise BackendError(
                 f"unknown variant {self.name}:{variant}; choose from {', '.join(self.variants)}"
             )
         self.variant = variant
-        self.options = dict(options or {})
+        try:
+            self.options = parse_options(self.Options, self.name, options)
+        except OptionError as exc:
+            raise BackendError(str(exc)) from None
+        self.check_options()
+        self.special: SpecialTokens | None = None
+        self.spec: ModelSpec | None = None
 
     @property
     def label(self) -> str:
         """``name:variant``, the row label in every table."""
         return f"{self.name}:{self.variant}"
 
+    @property
+    def threads(self) -> int:
+        """The CPU threads the engine computes with: option ``threads``, else the physical cores."""
+        from backends.device import physical_cores
+
+        return self.options.threads or physical_cores()
+
     @classmethod
     def availability(cls, variant: str) -> Availability:
         """Whether ``variant`` can run here; the reason names the missing package or device."""
         return Availability.yes()
 
-    @abc.abstractmethod
+    def check_options(self) -> None:
+        """Checks that depend on the variant (the options model checks the rest).
+
+        Raises:
+            BackendError: with the option named.
+        """
+
+    # --- loading ---------------------------------------------------------------------------------
     def load(self, model: ModelSpec) -> LoadReport:
-        """Load (and quantize / export / compile as the variant requires) ``model``.
+        """Prepare (cached), load and make ``model`` ready; the clock is this method's, the same
+        for every backend (see ``LoadReport``).
+
+        Raises:
+            BackendError: unavailable here, or the model cannot be prepared or loaded.
+        """
+        availability = self.availability(self.variant)
+        if not availability.ok:
+            raise BackendError(f"{self.label}: {availability.reason}")
+        self._seed()
+        started = time.perf_counter()
+        try:
+            directory = checkpoint_dir(model)
+        except ModelError as exc:
+            raise BackendError(f"{self.label}: {exc}") from None
+        preparation = self.prepare(model, directory)
+        preparation.checkpoint_s = prepare_seconds(directory)
+        preparation.wall_s = time.perf_counter() - started
+        self.special = SpecialTokens.from_checkpoint(directory)
+        self.spec = model
+        begin = time.perf_counter()
+        loaded = self._load(model, directory)
+        called = time.perf_counter()
+        first = self.generate([[self.special.eos_ids[0] if self.special.eos_ids else 0]], 1, min_new_tokens=1)
+        ready = first.step_times_s[0]
+        return LoadReport(ready - begin, called - begin, ready - called, int(loaded.weight_bytes),
+                          preparation, loaded.details)
+
+    def _seed(self) -> None:
+        random.seed(self.options.seed)
+        np.random.seed(self.options.seed)
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.manual_seed(self.options.seed)
+
+    def prepare(self, model: ModelSpec, directory: Path) -> Preparation:
+        """One-time, cached work before ``_load`` (export, quantize, convert, compile).
+
+        Args:
+            model: the model. directory: its local checkpoint (already converted).
+
+        Raises:
+            BackendError: the artifact cannot be built.
+        """
+        return Preparation()
+
+    @abc.abstractmethod
+    def _load(self, model: ModelSpec, directory: Path) -> LoadedModel:
+        """Load the prepared model from ``directory`` / the artifact cache into memory.
 
         Raises:
             BackendError: the model cannot be loaded in this variant (with the reason).
         """
 
-    @abc.abstractmethod
+    @property
+    def loaded(self) -> bool:
+        return self.special is not None
+
+    def _require_loaded(self, what: str) -> SpecialTokens:
+        if self.special is None:
+            raise BackendError(f"{self.label}: {what}() before load()")
+        return self.special
+
+    # --- generation and scoring ------------------------------------------------------------------
     def generate(
         self,
         prompt_token_ids: Sequence[Sequence[int]],
@@ -160,26 +333,61 @@ class Backend(abc.ABC):
         """Greedy generation for a batch of prompts, timing every decoding step as it happens.
 
         Args:
-            prompt_token_ids: ``[batch][n_in]`` token ids; prompts may differ in length (left-padded
-                internally where the backend batches).
-            max_new_tokens: the most tokens to generate per prompt.
-            min_new_tokens: suppress end-of-sequence before this many tokens; pass
-                ``max_new_tokens`` for an exact output length (latency runs).
+            prompt_token_ids: ``[batch][n_in]`` token ids; prompts may differ in length.
+            max_new_tokens: the most tokens to generate per prompt (>= 1).
+            min_new_tokens: suppress stop tokens before this many tokens.
             stop_token_ids: generation of a sequence stops after it emits one of these (the stop
-                token is included in its output). End-of-sequence always stops unless suppressed.
+                token is included in its output); end-of-sequence always stops unless suppressed.
 
         Returns:
             a ``GenerationOutput`` with per-step host timestamps taken as tokens were produced.
+
+        Raises:
+            BackendError: before ``load()``, no/empty prompts, an id outside the vocabulary, or
+                ``max_new_tokens < 1``.
         """
+        special = self._require_loaded("generate")
+        try:
+            check_prompts(self.label, prompt_token_ids, special.vocab_size)
+        except ValueError as exc:
+            raise BackendError(str(exc)) from None
+        if max_new_tokens < 1:
+            raise BackendError(f"{self.label}: max_new_tokens must be >= 1, got {max_new_tokens}")
+        request = GenerationRequest(tuple(tuple(int(t) for t in p) for p in prompt_token_ids), int(max_new_tokens),
+                                    int(min_new_tokens or 0), tuple(int(t) for t in stop_token_ids))
+        return self._generate(request)
 
     @abc.abstractmethod
+    def _generate(self, request: GenerationRequest) -> GenerationOutput:
+        """Serve a validated request; end-of-sequence ids are ``self.special.eos_ids``."""
+
     def loglikelihood(self, windows: Sequence[ScoringWindow]) -> list[np.ndarray]:
         """Per-token log-probabilities (natural log, float64) of each window's scored positions.
 
         Returns:
             one array per window, shape ``[window.n_scored]``.
-        """
 
+        Raises:
+            BackendError: before ``load()``, or a token id outside the vocabulary.
+        """
+        special = self._require_loaded("loglikelihood")
+        results = []
+        for window in windows:
+            if window.n_scored == 0:
+                results.append(np.zeros(0))
+                continue
+            try:
+                check_prompts(self.label, [window.token_ids], special.vocab_size)
+            except ValueError as exc:
+                raise BackendError(str(exc)) from None
+            results.append(self._score(window))
+        return results
+
+    @abc.abstractmethod
+    def _score(self, window: ScoringWindow) -> np.ndarray:
+        """float64 ``[window.n_scored]`` log-probabilities of one validated, non-empty window."""
+
+    # --- description ------------------------------------------------------------------------------
     def memory(self) -> dict[str, int]:
         """Current memory use in bytes: ``rss`` always; ``cuda_allocated``, ``cuda_reserved``,
         ``cuda_max_allocated`` where the backend runs on CUDA."""
@@ -189,11 +397,13 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def info(self) -> dict[str, Any]:
-        """Self-description for the results: library versions, quantization format, attention
-        implementation, KV-cache dtype, device, threads."""
+        """Self-description for the results: ``backend`` (label), ``library`` versions, ``device``,
+        ``threads``, ``compute_dtype``, ``attn_implementation``, ``kv_cache`` (dict), and
+        ``quantization`` (dict with at least ``format``)."""
 
     def close(self) -> None:
-        """Release the model. The default drops references; backends with native state override."""
+        """Release the model. The default forgets the special tokens; backends drop their state too."""
+        self.special = None
 
 
 # Registered backends: name -> "module:Class". Imported lazily so that a missing optional
@@ -229,56 +439,3 @@ def variant_availability(name: str, variant: str) -> Availability:
     except ImportError as exc:  # a missing optional package disables this backend only
         return Availability.no(f"cannot import {exc.name or exc}: pip install quantarena[{name}]")
     return cls.availability(variant)
-
-
-def check_token_ids(label: str, token_ids: Sequence[int], vocab_size: int) -> None:
-    """Raises ``BackendError`` (prefixed with ``label``) if an id lies outside ``[0, vocab_size)``."""
-    bad = next((t for t in token_ids if not 0 <= int(t) < vocab_size), None)
-    if bad is not None:
-        raise BackendError(f"{label}: token id {bad} is out of range, outside the vocabulary [0, {vocab_size})")
-
-
-def check_prompts(label: str, prompt_token_ids: Sequence[Sequence[int]], vocab_size: int) -> None:
-    """Raises ``BackendError``: no prompts, an empty prompt, or a token id outside the vocabulary."""
-    if not prompt_token_ids:
-        raise BackendError(f"{label}: no prompts")
-    for row, prompt in enumerate(prompt_token_ids):
-        if len(prompt) == 0:
-            raise BackendError(f"{label}: empty prompt (row {row})")
-        check_token_ids(label, prompt, vocab_size)
-
-
-def left_pad(prompt_token_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pad a batch of prompts, as batched decoder-only generation needs.
-
-    Returns:
-        ``(input_ids, attention_mask)``, both int64 ``[batch, max_len]``; the mask is 1 on real tokens.
-
-    Raises:
-        BackendError: no prompts, or an empty prompt.
-    """
-    if not prompt_token_ids:
-        raise BackendError("no prompts")
-    width = max(len(p) for p in prompt_token_ids)
-    input_ids = np.full((len(prompt_token_ids), width), pad_id, dtype=np.int64)
-    mask = np.zeros_like(input_ids)
-    for row, prompt in enumerate(prompt_token_ids):
-        if len(prompt) == 0:
-            raise BackendError("empty prompt")
-        input_ids[row, width - len(prompt):] = prompt
-        mask[row, width - len(prompt):] = 1
-    return input_ids, mask
-
-
-def stop_token_set(eos_token_ids: Sequence[int], stop_token_ids: Sequence[int]) -> list[int]:
-    """The ids that end a sequence: the model's end-of-sequence ids, then the caller's stop ids,
-    as ints, duplicates dropped, order kept."""
-    return list(dict.fromkeys(int(t) for t in (*eos_token_ids, *stop_token_ids)))
-
-
-def trim_at_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
-    """Cut a generated sequence after its first stop token (the stop token is kept)."""
-    for index, token in enumerate(tokens):
-        if token in stop_ids:
-            return tokens[: index + 1]
-    return tokens

@@ -17,11 +17,10 @@ from typing import Any, Sequence
 from backends.base import REGISTRY, backend_class, variant_availability
 from backends.models import EMBEDDED_MODEL, MODELS, ModelError, checkpoint_dir, resolve_model
 from harness.plan import Cell, UsageError, build_jobs, parse_backends, parse_workloads
-from harness.results import ResultsError, read_records
-from workloads.base import WorkloadError
-from workloads.registry import WORKLOADS
+from reports.records import ResultsError, read_records
+from workloads.base import WorkloadError, positive_int
+from workloads.registry import DEFAULT_WORKLOADS, WORKLOADS, workload_class
 
-DEFAULT_WORKLOADS = ("latency", "wikitext2")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,33 +29,6 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # noqa: D401 - argparse API
         raise UsageError(f"{self.prog}: {message}")
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _positive(text: str) -> int:
-    values = _int_list(text)
-    if len(values) != 1:
-        raise argparse.ArgumentTypeError(f"expected one positive integer, got {text!r}")
-    return values[0]
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected >= 0, got {value}")
-    return value
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -78,31 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="build the architecture with random weights (speed/memory only)")
     run.add_argument("--workloads", help=f"comma list of {', '.join(WORKLOADS)} (default {','.join(DEFAULT_WORKLOADS)})")
     run.add_argument("--out", type=Path, help="output folder (default reports/out/RUN_ID)")
-    lat = run.add_argument_group("latency")
-    lat.add_argument("--input-lens", type=_int_list, default=[128, 512], help="prompt tokens (default 128,512)")
-    lat.add_argument("--output-len", type=_positive, default=64, help="new tokens (default 64)")
-    lat.add_argument("--batch-sizes", type=_int_list, default=[1], help="sequences per call (default 1)")
-    lat.add_argument("--context-lengths", type=_int_list,
-                     help="context-length sweep: latency cells with these prompt lengths (replaces --input-lens)")
-    lat.add_argument("--warmup", type=_non_negative, default=2, help="untimed runs per cell (default 2)")
-    lat.add_argument("--repetitions", type=_positive, default=5, help="timed runs per cell (default 5)")
-    ppl = run.add_argument_group("wikitext2")
-    ppl.add_argument("--ppl-context", type=_positive, default=1024, help="window tokens (default 1024)")
-    ppl.add_argument("--ppl-stride", type=_positive, default=512, help="stride tokens (default 512)")
-    ppl.add_argument("--max-eval-tokens", type=_non_negative, default=8192,
-                     help="score this many leading tokens; 0 = the whole split (default 8192)")
-    qa = run.add_argument_group("squad")
-    qa.add_argument("--squad-n", type=_positive, default=200, help="questions, stratified HasAns/NoAns (default 200)")
-    qa.add_argument("--squad-shots", type=_non_negative, default=0, help="worked examples per prompt (default 0)")
-    qa.add_argument("--squad-batch", type=_positive, default=8, help="questions per generate call (default 8)")
-    qa.add_argument("--squad-seed", type=_non_negative, default=0, help="sampling seed (default 0)")
+    for name in WORKLOADS:  # each workload declares its own flags
+        workload_class(name).add_arguments(run)
     run.add_argument("--backend-option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                     help="passed to every backend (e.g. threads=2, attn=eager)")
-    run.add_argument("--timeout", type=_positive, default=3600, help="seconds per cell (default 3600)")
+                     help="NAME.KEY=VALUE for one backend (mlc.sliding_window=1024), KEY=VALUE for every "
+                          "chosen backend that has KEY (threads=2); see list --options NAME")
+    run.add_argument("--timeout", type=positive_int, default=3600, help="seconds per cell (default 3600)")
 
-    sub.add_parser("list", help="backends (with availability), models, workloads")
-    report = sub.add_parser("report", help="re-render the markdown report from results.jsonl or "
-                            "pytest-benchmark JSON")
+    listing = sub.add_parser("list", help="backends (with availability), models, workloads")
+    listing.add_argument("--options", metavar="BACKEND", choices=list(REGISTRY),
+                         help="print one backend's options (name, type, default, description)")
+    report = sub.add_parser("report", help="re-render the markdown report from results.jsonl / .csv / "
+                            ".sqlite or pytest-benchmark JSON")
     report.add_argument("results", type=Path)
     report.add_argument("--out", type=Path, help="output folder (default: beside the results)")
     compare = sub.add_parser("compare", help="compare pytest-benchmark JSON runs (first = reference)")
@@ -112,42 +71,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def plan_cells(args: argparse.Namespace, workloads: list[str]) -> list[Cell]:
+    """The cells of a run: each workload expands its own flags (sweeps) into cells."""
     cells: list[Cell] = []
     for name in workloads:
-        if name == "latency":
-            # a context-length sweep replaces the default prompt lengths
-            lengths = list(dict.fromkeys(args.context_lengths or args.input_lens))
-            for n_in in lengths:
-                for batch in args.batch_sizes:
-                    params = {"n_in": n_in, "n_out": args.output_len, "batch": batch,
-                              "warmup": args.warmup, "repetitions": args.repetitions}
-                    cells.append(Cell(f"latency-in{n_in}-out{args.output_len}-b{batch}", name, params))
-        elif name == "wikitext2":
-            if args.ppl_stride > args.ppl_context:
-                raise UsageError(f"--ppl-stride {args.ppl_stride} must be <= --ppl-context {args.ppl_context}")
-            params = {"context": args.ppl_context, "stride": args.ppl_stride,
-                      "max_eval_tokens": args.max_eval_tokens}
-            cells.append(Cell("wikitext2", name, params))
-        elif name == "squad":
-            params = {"n": args.squad_n, "shots": args.squad_shots, "batch_size": args.squad_batch,
-                      "seed": args.squad_seed}
-            cells.append(Cell(f"squad-n{args.squad_n}-k{args.squad_shots}", name, params))
+        cls = workload_class(name)
+        for params in cls.params_from_args(args):
+            cells.append(Cell(cls.cell_id(params), name, params.to_dict(), WORKLOADS[name]))
     return cells
 
 
 def check_data(workloads: list[str]) -> None:
-    """Fail fast when ``$HARNESS_DATA_DIR`` is set but lacks a file a chosen workload reads."""
-    from workloads.data import SQUAD_GLOB, WIKITEXT2_FILE, data_dir
+    """Fail fast when ``$HARNESS_DATA_DIR`` is set but lacks a file a chosen workload declares."""
+    from workloads.data import data_dir
 
     local = data_dir()
     if local is None:
         return
-    if {"latency", "wikitext2"} & set(workloads):
-        path = local / WIKITEXT2_FILE
-        if not path.is_file():
-            raise WorkloadError(f"missing data: {path} (HARNESS_DATA_DIR={os.environ['HARNESS_DATA_DIR']})")
-    if "squad" in workloads and not list(local.glob(SQUAD_GLOB)):
-        raise WorkloadError(f"missing data: {local / SQUAD_GLOB} (HARNESS_DATA_DIR={os.environ['HARNESS_DATA_DIR']})")
+    for name in workloads:
+        missing = workload_class(name).missing_data(local)
+        if missing:
+            raise WorkloadError(f"missing data: {missing} (HARNESS_DATA_DIR={os.environ['HARNESS_DATA_DIR']})")
+
+
+def report_sections(records: list[dict[str, Any]]):
+    """The report sections of the registered workloads, in registry order."""
+    return [workload_class(name).report_section for name in WORKLOADS]
 
 
 def command_run(args: argparse.Namespace) -> int:
@@ -162,14 +110,15 @@ def command_run(args: argparse.Namespace) -> int:
         checkpoint_dir(spec)  # download once, here, so an unreachable model is a one-line error
     workloads = parse_workloads(args.workloads, DEFAULT_WORKLOADS)
     if spec.random_weights:
-        refused = [w for w in workloads if WORKLOADS[w].needs_quality]
+        quality = {w for w in WORKLOADS if workload_class(w).needs_quality}
+        refused = [w for w in workloads if w in quality]
         if refused and args.workloads:
             raise UsageError(f"quality workloads ({', '.join(refused)}) are refused on random weights; "
-                             f"choose from {', '.join(w for w in WORKLOADS if not WORKLOADS[w].needs_quality)}")
-        workloads = [w for w in workloads if not WORKLOADS[w].needs_quality]
+                             f"choose from {', '.join(w for w in WORKLOADS if w not in quality)}")
+        workloads = [w for w in workloads if w not in quality]
     check_data(workloads)
     pairs = parse_backends(args.backends)
-    jobs, left_out = build_jobs(pairs, plan_cells(args, workloads), dict(args.backend_option))
+    jobs, left_out = build_jobs(pairs, plan_cells(args, workloads), list(args.backend_option))
     for item in left_out:
         console.print(f"[yellow]skipped[/] {escape(item)}")
     if not jobs:
@@ -183,16 +132,25 @@ def command_run(args: argparse.Namespace) -> int:
         runner = Runner(RunConfig(run_id, spec, results_path, out / "logs", args.timeout), ProgressObserver(progress))
         records = runner.run(jobs)
     console.print(summary_table(records))
-    report = render_report(records, out, title=f"quantarena: {spec.name}")
-    console.print(f"results: {results_path}\nreport: {report}")
+    report = render_report(records, out, title=f"quantarena: {spec.name}", sections=report_sections(records))
+    console.print(f"results: {results_path} (and results.csv, results.sqlite)\nreport: {report}")
     return 0 if all(r["status"] == "ok" for r in records) else 1
 
 
-def command_list(_: argparse.Namespace) -> int:
+def command_list(args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.table import Table
 
     from harness.console import console
+
+    if args.options:
+        options = Table(title=f"{args.options} options (--backend-option {args.options}.KEY=VALUE)")
+        for column in ("option", "type", "default", "description"):
+            options.add_column(column)
+        for row in backend_class(args.options).Options.describe():
+            options.add_row(*(escape(cell) for cell in row))
+        console.print(options)
+        return 0
 
     table = Table(title="backends")
     for column in ("backend", "description", "available"):
@@ -215,10 +173,12 @@ def command_list(_: argparse.Namespace) -> int:
         models.add_row(key + (" (default)" if key == EMBEDDED_MODEL else ""), model.description)
     console.print(models)
     workloads = Table(title="workloads")
-    workloads.add_column("workload")
-    workloads.add_column("measures")
-    for name, cls in WORKLOADS.items():
-        workloads.add_row(name + (" (quality)" if cls.needs_quality else ""), cls.description)
+    for column in ("workload", "measures", "metrics (unit, better)"):
+        workloads.add_column(column)
+    for name in WORKLOADS:
+        cls = workload_class(name)
+        metrics = ", ".join(f"{m.name} ({m.unit or '-'}, {m.better})" for m in cls.metrics)
+        workloads.add_row(name + (" (quality)" if cls.needs_quality else ""), cls.description, metrics)
     console.print(workloads)
     return 0
 
@@ -234,7 +194,8 @@ def command_report(args: argparse.Namespace) -> int:
         return command_compare(args)
     records = read_records(args.results)
     out = args.out or args.results.parent
-    report = render_report(records, out, title=f"quantarena: {records[0]['model'].get('name', '')}")
+    report = render_report(records, out, title=f"quantarena: {(records[0]['model'] or {}).get('name', '')}",
+                           sections=report_sections(records))
     console.print(summary_table(records))
     console.print(f"report: {report}")
     return 0

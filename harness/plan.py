@@ -1,7 +1,8 @@
 """Expand a run request into jobs: one per backend variant, each a list of cells (workload x shape).
 
 ``--backends bnb`` expands to the backend's default variants; ``bnb:nf4`` picks one. Unknown
-names raise ``UsageError`` naming the bad value and the valid choices.
+names raise ``UsageError`` naming the bad value and the valid choices. Backend options are routed
+to their backends and validated here, before anything loads.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.base import REGISTRY, backend_class, variant_availability
+from backends.base import REGISTRY, BackendError, backend_class, variant_availability
+from backends.options import OptionError, parse_options, split_addressed
 from workloads.registry import WORKLOADS
 
 
@@ -19,9 +21,13 @@ class UsageError(ValueError):
 
 @dataclass
 class Cell:
+    """One measurement of one backend variant: ``workload`` (registry name) run with ``params``;
+    ``workload_path`` (``module:Class``) lets the worker import it."""
+
     cell_id: str
     workload: str
     params: dict[str, Any]
+    workload_path: str = ""
 
 
 @dataclass
@@ -71,22 +77,49 @@ def parse_workloads(text: str | None, default: tuple[str, ...]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def backend_options(pairs: list[tuple[str, str, bool]], option_pairs: list[tuple[str, str]]
+                    ) -> dict[str, dict[str, Any]]:
+    """Route ``--backend-option`` pairs to the chosen backends and validate them against each
+    backend's typed options; returns backend name -> options as parsed (typed, defaults filled).
+
+    Raises:
+        UsageError: an unknown key, a wrong type or an out-of-range value (one line).
+    """
+    classes = {name: backend_class(name).Options for name, _, _ in pairs}
+    try:
+        routed = split_addressed(option_pairs, classes)
+        return {name: parse_options(classes[name], name, routed[name]).model_dump() for name in classes}
+    except OptionError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def build_jobs(
     pairs: list[tuple[str, str, bool]],
     cells: list[Cell],
-    options: dict[str, Any],
+    option_pairs: list[tuple[str, str]],
 ) -> tuple[list[Job], list[str]]:
     """A job per backend variant, and the ``name:variant (reason)`` of those left out.
 
     An unavailable variant named explicitly (``bnb:nf4``) becomes a job with ``skip_reason``, so
     the results say why it has no numbers; one that only came from expanding a backend name (or
-    the default 'everything') is left out and reported in the second list."""
+    the default 'everything') is left out and reported in the second list. Each available
+    variant is constructed once with its options, so checks that depend on the variant fail here.
+
+    Raises:
+        UsageError: a bad option (see ``backend_options``).
+    """
+    options = backend_options(pairs, option_pairs)
     jobs, left_out = [], []
     for name, variant, explicit in pairs:
         availability = variant_availability(name, variant)
         if not availability.ok and not explicit:
             left_out.append(f"{name}:{variant} ({availability.reason})")
             continue
-        jobs.append(Job(name, variant, dict(options), list(cells),
+        if availability.ok:
+            try:
+                backend_class(name)(variant, options[name])
+            except BackendError as exc:
+                raise UsageError(str(exc)) from None
+        jobs.append(Job(name, variant, dict(options[name]), list(cells),
                         None if availability.ok else availability.reason))
     return jobs, left_out

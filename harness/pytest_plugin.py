@@ -51,7 +51,7 @@ class LoadedBackends:
             self.backend = backend_class(name)(variant)
             report = self.backend.load(self.spec)
             self.key = (name, variant)
-            self.load_info = {"load_s": report.load_s, "weight_bytes": report.weight_bytes, **report.extra}
+            self.load_info = report.to_dict()
         return self.backend
 
 
@@ -84,7 +84,7 @@ def loaded_backends(bench_model):
 
 def measure(benchmark, fn, rounds: int, warmup_rounds: int = 1):
     """Time ``fn`` with pytest-benchmark's pedantic mode while sampling peak memory; returns
-    (the last call's result, peak memory dict in bytes)."""
+    (the last call's result, peak memory in bytes named as in the records: ``peak_rss_bytes``, ...)."""
     results = []
 
     def call():
@@ -92,4 +92,4 @@ def measure(benchmark, fn, rounds: int, warmup_rounds: int = 1):
 
     with PeakMemorySampler() as sampler:
         benchmark.pedantic(call, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
-    return results[-1], sampler.result()
+    return results[-1], {f"{key}_bytes": value for key, value in sampler.result().items()}

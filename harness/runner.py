@@ -1,5 +1,8 @@
 """Runs jobs, each backend variant in its own worker process, and writes one record per cell.
 
+Records are appended to ``results.jsonl`` as each cell finishes; ``results.csv`` and
+``results.sqlite`` (the same rows, ``reports.records``) are rewritten after each backend variant.
+
 Jobs run one after another (never concurrently: they would contend for the same cores and
 memory bandwidth and each would measure the other). A worker that crashes, is killed for memory
 or exceeds the per-cell timeout costs only its current cell: that cell is recorded as failed with
@@ -23,7 +26,7 @@ from typing import Any, Protocol
 from backends.models import ModelSpec
 from harness.env import fingerprint
 from harness.plan import Cell, Job
-from harness.results import SCHEMA_VERSION, ResultsWriter
+from reports.records import SCHEMA_VERSION, ResultsWriter, normalize, write_tables
 
 
 class Observer(Protocol):
@@ -79,6 +82,7 @@ class Runner:
         records: list[dict[str, Any]] = []
         for job in jobs:
             records.extend(self.run_job(job))
+            write_tables(records, self.config.results_path.parent)
         return records
 
     def _record(self, job: Job, cell: Cell, status: str, started_at: str, **data: Any) -> dict[str, Any]:
@@ -103,6 +107,7 @@ class Runner:
             "started_at": started_at,
             "duration_s": data.pop("duration_s", None),
         }
+        record = normalize(record)
         self.writer.append(record)
         self.observer.cell_finished(job, cell, record)
         return record

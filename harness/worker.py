@@ -34,14 +34,14 @@ def main() -> int:
     events = _event_stream()
 
     def emit(kind: str, **data: Any) -> None:
-        from harness.results import json_safe
+        from reports.records import json_safe
 
         events.write(json.dumps(json_safe({"event": kind, **data})) + "\n")
 
     job = json.load(sys.stdin)
     from backends.base import backend_class
     from backends.models import ModelSpec, load_tokenizer
-    from workloads.registry import WORKLOADS
+    from workloads.registry import load_workload
 
     spec = ModelSpec.from_dict(job["model"])
     try:
@@ -53,10 +53,10 @@ def main() -> int:
         traceback.print_exc()
         emit("load_failed", error=one_line(exc))
         return 0
-    emit("loaded", load={"load_s": load.load_s, "weight_bytes": load.weight_bytes, **load.extra}, info=info)
+    emit("loaded", load=load.to_dict(), info=info)
     for cell in job["cells"]:
         emit("cell_start", cell_id=cell["cell_id"])
-        workload_cls = WORKLOADS[cell["workload"]]
+        workload_cls = load_workload(cell["workload_path"])
         workload = workload_cls(workload_cls.Params.from_dict(cell["params"]))
         started = time.perf_counter()
         try:

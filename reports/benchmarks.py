@@ -10,10 +10,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from harness.results import ResultsError
+from reports.records import ResultsError
 
 EXTRA_COLUMNS = (("ttft_ms", "TTFT ms", 1), ("tpot_ms", "TPOT ms", 2), ("decode_tok_s", "decode tok/s", 1),
-                 ("prefill_tok_s", "prefill tok/s", 1), ("perplexity", "PPL", 3))
+                 ("prefill_tok_s", "prefill tok/s", 1), ("ppl", "PPL", 3))
 
 
 def is_benchmark_json(path: Path) -> bool:

@@ -9,10 +9,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from typing import Callable, Sequence
+
 from reports.plots import plot_all
-from reports.squad import squad_section
-from reports.table import (LATENCY_COLUMNS, MB, SummaryRow, headline_latency, kv_context_table, latency_rows,
-                           summary_rows)
+from reports.table import MB, SummaryRow, headline_latency, summary_rows
+
+# A workload's report section: (records, output folder) -> markdown lines (empty: no section).
+Section = Callable[[list[dict[str, Any]], Path], list[str]]
 
 METHOD_NOTES = """\
 - Latency: identical token-exact prompts cut from the WikiText-2 test text; greedy decoding with
@@ -27,12 +30,14 @@ METHOD_NOTES = """\
 - Perplexity: token-level, exp(mean NLL) over every scored token, sliding-window protocol of the
   transformers "Perplexity of fixed-length models" guide; ± is the standard error (delta method).
 - Weight MB: parameters and buffers as stored, quantized tensors at their packed size with their
-  scales. Load s: from checkpoint on disk to a model ready to generate (one-time conversions,
-  exports and compilations are listed separately below).
+  scales. Load s: from the prepared checkpoint on disk to the first generated token (weights
+  resident), timed the same way for every backend; one-time conversions, exports and
+  compilations are listed separately below.
 """
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured markdown table (``|`` in cells escaped)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -43,23 +48,24 @@ def _first(records: list[dict[str, Any]], key: str) -> Any:
 
 
 def _preparation_rows(records: list[dict[str, Any]]) -> list[list[str]]:
-    """One-time costs each backend reported in its load report: seconds (``*_s``) and sizes
-    (``*bytes*``); ``checkpoint_prepare_s`` is the one-time conversion of the checkpoint itself
-    (shared by every backend, cached)."""
+    """One-time costs each backend variant reported (``load.prepare``): seconds and sizes, and
+    whether its artifact cache was hit; ``checkpoint_s`` is the shared checkpoint conversion."""
     seen, rows = set(), []
     for r in records:
-        load = r.get("load") or {}
-        if r["label"] in seen or not load:
+        prepare = (r.get("load") or {}).get("prepare") or {}
+        if r["label"] in seen or not prepare:
             continue
         seen.add(r["label"])
         parts = []
-        for key, value in load.items():
-            if key in ("load_s", "weight_bytes") or not isinstance(value, (int, float)) or isinstance(value, bool):
+        for key, value in prepare.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             if "bytes" in key:
                 parts.append(f"{key} {value / MB:.1f} MB")
             elif key.endswith("_s"):
                 parts.append(f"{key} {value:.2f}")
+        if prepare.get("cache_hit") is not None:
+            parts.append("cache hit" if prepare["cache_hit"] else "built now")
         if parts:
             rows.append([r["label"], ", ".join(parts)])
     return rows
@@ -81,8 +87,14 @@ def _info_rows(records: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
-def render_report(records: list[dict[str, Any]], out_dir: Path, title: str = "quantarena report") -> Path:
-    """Write ``report.md`` (and PNG plots beside it) into ``out_dir``; returns the report path."""
+def render_report(records: list[dict[str, Any]], out_dir: Path, title: str = "quantarena report",
+                  sections: Sequence[Section] = ()) -> Path:
+    """Write ``report.md`` (and PNG plots beside it) into ``out_dir``; returns the report path.
+
+    Args:
+        records: schema-2 records (``reports.records``).
+        sections: each workload's ``report_section``, rendered in order after the summary.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[SummaryRow] = summary_rows(records)
@@ -98,39 +110,18 @@ def render_report(records: list[dict[str, Any]], out_dir: Path, title: str = "qu
     if shape:
         parts.append(f"Latency columns at n_in={shape['n_in']}, n_out={shape['n_out']}, "
                      f"batch={shape['batch']}; median ± standard deviation over repetitions.\n")
-    parts.append(_md_table(list(SummaryRow.COLUMNS), [r.cells() for r in rows]))
-    latency = latency_rows(records)
-    if latency:
-        parts += ["", "## Latency, every shape", "", "median (p90)", "", _md_table(LATENCY_COLUMNS, latency)]
-    kv_header, kv_rows = kv_context_table(records)
-    if kv_rows:
-        parts += ["", "## KV-cache MB vs context length", "",
-                  "MB the KV cache holds right after prefill of n_in tokens (payload, scales, residual); "
-                  "bytes per cached token and the compression at the longest prompt.", "",
-                  _md_table(kv_header, kv_rows)]
-    ppl = [r for r in records if r["workload"] == "wikitext2" and r["status"] == "ok"]
-    if ppl:
-        parts += ["", "## Perplexity (WikiText-2 raw, test)", ""]
-        parts.append(_md_table(["backend", "PPL", "SE", "95% CI", "tokens", "protocol"], [
-            [r["label"], f"{r['metrics']['ppl']:.3f}", f"{r['metrics']['ppl_se']:.3f}",
-             "{:.3f} - {:.3f}".format(*r["metrics"]["ppl_ci95"]), str(r["metrics"]["n_tokens"]),
-             r["metrics"]["protocol"]] for r in ppl]))
-    header, squad_rows, base, example = squad_section(records)
-    if squad_rows:
-        first = next(r for r in records if r["workload"] == "squad" and r["status"] == "ok")["metrics"]
-        parts += ["", "## SQuAD v2.0 (generative QA)", "",
-                  f"Official v2.0 scoring (x100). Prompt `{first['prompt_version']}`, {first['shots']}-shot, "
-                  f"seed {first['seed']}, chat template: {'yes' if first['chat_template'] else 'no'}. "
-                  f"Agreement: share of questions whose normalised answer equals {base}'s.", "",
-                  _md_table(header, squad_rows), "", "<details><summary>Example prompt</summary>", "",
-                  "```text", example or "", "```", "", "</details>"]
+    parts.append(md_table(list(SummaryRow.COLUMNS), [r.cells() for r in rows]))
+    for section in sections:
+        lines = section(records, out_dir)
+        if lines:
+            parts += [""] + lines
     prep = _preparation_rows(records)
     if prep:
-        parts += ["", "## One-time preparation costs", "", _md_table(["backend", "reported"], prep)]
+        parts += ["", "## One-time preparation costs", "", md_table(["backend", "reported"], prep)]
     info = _info_rows(records)
     if info:
         parts += ["", "## Backend configuration", "",
-                  _md_table(["backend", "device", "threads", "compute", "attention", "KV cache", "quantization"], info)]
+                  md_table(["backend", "device", "threads", "compute", "attention", "KV cache", "quantization"], info)]
     failures = [r for r in records if r["status"] != "ok"]
     if failures:
         parts += ["", "## Failures", ""]

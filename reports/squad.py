@@ -35,8 +35,8 @@ def squad_section(records: list[dict[str, Any]]) -> tuple[list[str], list[list[s
     for r in squad:
         m = r["metrics"]
         rows.append([
-            r["label"], f"{m['exact']:.1f}", "{:.1f} ({:.1f} - {:.1f})".format(m["f1"], *m["f1_ci95"]),
-            f"{m['HasAns_exact']:.1f}", f"{m['HasAns_f1']:.1f}", f"{m['NoAns_accuracy']:.1f}",
+            r["label"], f"{m['exact_pct']:.1f}", "{:.1f} ({:.1f} - {:.1f})".format(m["f1_pct"], *m["f1_pct_ci95"]),
+            f"{m['HasAns_exact_pct']:.1f}", f"{m['HasAns_f1_pct']:.1f}", f"{m['NoAns_accuracy_pct']:.1f}",
             f"{m['total']} ({m['HasAns_total']}/{m['NoAns_total']})",
             f"{agreement(r['samples']['predictions'], base_rows) * 100:.1f}%"])
     return header, rows, base, squad[0]["metrics"].get("prompt_example")

@@ -65,9 +65,9 @@ def headline_latency(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     return max(shapes, key=lambda p: (-p.get("batch", 1), p["n_in"], p["n_out"]))
 
 
-def peak_bytes(memory: dict[str, Any]) -> int | None:
+def peak_bytes(metrics: dict[str, Any]) -> int | None:
     """The peak that matters on the device used: CUDA allocator peak on GPU, process RSS on CPU."""
-    return memory.get("peak_cuda_allocated") or memory.get("peak_rss")
+    return metrics.get("peak_cuda_allocated_bytes") or metrics.get("peak_rss_bytes")
 
 
 def summary_rows(records: list[dict[str, Any]]) -> list[SummaryRow]:
@@ -89,7 +89,7 @@ def summary_rows(records: list[dict[str, Any]]) -> list[SummaryRow]:
             row.ttft_ms = _stat(metrics, "ttft_ms")
             row.decode_tok_s = _stat(metrics, "decode_tok_s")
             row.prefill_tok_s = _stat(metrics, "prefill_tok_s")
-            peak = peak_bytes(metrics.get("memory", {}))
+            peak = peak_bytes(metrics)
             row.peak_mb = Cellval(peak / MB if peak else None, digits=0)
         elif record["workload"] == "wikitext2":
             row.ppl = Cellval(metrics["ppl"], metrics.get("ppl_se"), digits=3)
@@ -110,7 +110,7 @@ def latency_rows(records: list[dict[str, Any]]) -> list[list[str]]:
                 return "-"
             return f"{s['median']:.{digits}f} ({s['p90']:.{digits}f})"
 
-        peak = peak_bytes(m.get("memory", {}))
+        peak = peak_bytes(m)
         kv = m.get("kv_cache_bytes")
         rows.append([r["label"], str(p["n_in"]), str(p["n_out"]), str(p["batch"]),
                      med_p90("ttft_ms"), med_p90("tpot_ms", 2), med_p90("itl_ms", 2),

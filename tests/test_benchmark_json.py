@@ -25,9 +25,9 @@ def test_benchmark_json_carries_metrics_and_renders(tmp_path, data_dir):
     decode = by_name["test_decode[hf:fp32]"]["extra_info"]
     assert decode["backend"] == "hf:fp32" and decode["n_out"] == 32
     assert decode["decode_tok_s"] > 0 and decode["ttft_ms"] > 0 and decode["tpot_ms"] > 0
-    assert decode["peak_memory"]["peak_rss"] > 0 and decode["load"]["weight_bytes"] > 0
+    assert decode["peak_rss_bytes"] > 0 and decode["load"]["weight_bytes"] > 0
     assert decode["info"]["quantization"]["format"] == "float32"
-    assert by_name["test_ppl_window[hf:fp32]"]["extra_info"]["perplexity"] > 1
+    assert by_name["test_ppl_window[hf:fp32]"]["extra_info"]["ppl"] > 1
     assert main(["report", str(out)]) == 0
     rendered = (tmp_path / "bench.md").read_text()
     assert "| test_decode[hf:fp32] |" in rendered and "decode tok/s" in rendered

@@ -23,7 +23,7 @@ def run_cli(*args, env=None):
     (["run", "--backends", "bnb:int3"], "unknown variant bnb:int3; choose from bnb:int8"),
     (["run", "--model", "no-such-model"], "unknown model 'no-such-model'; choose from smollm2-135m"),
     (["run", "--workloads", "latency,mmlu"], "unknown workload 'mmlu'; choose from latency"),
-    (["run", "--input-lens", "12,x"], "--input-lens: expected comma-separated integers"),
+    (["run", "--input-lens", "12,x"], "--input-lens/--context-lengths: expected comma-separated integers"),
     (["run", "--output-len", "0"], "--output-len: expected positive integers"),
     (["run", "--backend-option", "threads"], "expected key=value"),
     (["run", "--ppl-context", "64", "--ppl-stride", "128", "--backends", "hf:fp32",
@@ -109,3 +109,47 @@ def test_expanded_unavailable_variants_are_left_out_named_ones_recorded():
     assert any(item.startswith(f"hf:{missing[0]} (") for item in left_out)
     jobs, _ = build_jobs(parse_backends(f"hf:{missing[0]},hf"), cells, {})
     assert jobs[0].label == f"hf:{missing[0]}" and jobs[0].skip_reason
+
+
+@pytest.mark.parametrize("backends,option,needle", [
+    ("hf:fp32", "hf.attn=flash", "hf: option attn='flash': Input should be 'sdpa' or 'eager'"),
+    ("hf:fp32", "hf.atn=sdpa", "hf: unknown option 'atn'; valid: device, threads, seed, attn"),
+    ("bnb:nf4", "bnb.compute_dtype=int3", "bnb: option compute_dtype='int3': Input should be 'float32'"),
+    ("bnb:nf4", "bnb.threads=0", "bnb: option threads='0': Input should be greater than or equal to 1"),
+    ("kvq:int4", "kvq.residual_length=x", "kvq: option residual_length='x': Input should be a valid integer"),
+    ("kvq:int4", "kvq.axis_key=2", "kvq: option axis_key='2': Input should be less than or equal to 1"),
+    ("kvq:int4", "kvq.score_chunk=200", "kvq: score_chunk (200) must not exceed residual_length (128)"),
+    ("onnx:int4", "onnx.int4_block_size=48", "onnx: option int4_block_size='48': must be a power of two"),
+    ("onnx:int8", "onnx.int8_per_channel=maybe", "onnx: option int8_per_channel='maybe': Input should be a valid boolean"),
+    ("onnx:fp32", "onnx.device=tpu", "onnx: option device='tpu': Input should be 'auto', 'cpu' or 'cuda'"),
+    ("mlc:q4f16_1", "mlc.prefill_chunk=0", "mlc: option prefill_chunk='0': Input should be greater than or equal to 1"),
+    ("mlc:q4f16_1", "mlc.sliding_window=wide", "mlc: option sliding_window='wide': Input should be a valid integer"),
+    ("mlc:q0f32", "mlc.attention_sink=4", "mlc: attention_sink needs sliding_window > 0"),
+    ("hf:fp32", "mlc.sliding_window=8", "option 'mlc.sliding_window' is for backend 'mlc', which is not in this run"),
+    ("hf:fp32,bnb:nf4", "window=8", "unknown option 'window' for backends hf, bnb; valid: attn, compute_dtype"),
+])
+def test_bad_backend_option_is_one_line_exit_2(backends, option, needle, capsys):
+    """Each backend's unknown, ill-typed and out-of-range options, typed as a new user would."""
+    assert main(["run", "--model", "tiny-llama", "--backends", backends, "--backend-option", option]) == 2
+    err = capsys.readouterr().err
+    assert needle in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_unprefixed_option_goes_to_every_backend_that_has_it():
+    from harness.plan import Cell, build_jobs, parse_backends
+
+    jobs, _ = build_jobs(parse_backends("hf:fp32,onnx:fp32,kvq:int4"), [Cell("c", "latency", {})],
+                         [("threads", "1"), ("attn", "eager"), ("kvq.residual_length", "64")])
+    options = {job.label: job.options for job in jobs}
+    assert all(o["threads"] == 1 for o in options.values())  # parsed to an int
+    assert options["hf:fp32"]["attn"] == options["kvq:int4"]["attn"] == "eager"
+    assert "attn" not in options["onnx:fp32"]  # onnx has no attn option
+    assert options["kvq:int4"]["residual_length"] == 64 and "residual_length" not in options["hf:fp32"]
+
+
+def test_list_options_prints_a_backends_typed_options():
+    proc = run_cli("list", "--options", "mlc")
+    assert proc.returncode == 0
+    for needle in ("sliding_window", "attention_sink", "threads", "2048"):
+        assert needle in proc.stdout

@@ -3,7 +3,7 @@
 import pytest
 
 from harness.cli import main
-from harness.results import read_records
+from reports.records import read_records
 
 pytestmark = pytest.mark.e2e
 

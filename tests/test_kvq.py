@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from backends.base import BackendError, ScoringWindow, backend_class, variant_availability
-from backends.hf.backend import cuda_available, kv_fp16_analytic_bytes
+from backends.device import cuda_available
+from backends.kv import kv_fp16_analytic_bytes
 
 PROMPTS = [list(range(200, 230)), list(range(300, 312))]  # batch of 2, left-padded to 30
 
@@ -192,11 +193,12 @@ def test_info_records_quantization_settings(kvq):
 @pytest.mark.parametrize(
     "variant,options,message",
     [
-        ("int4", {"residual_length": "x"}, "residual_length must be an integer"),
+        ("int4", {"residual_length": "x"}, "kvq: option residual_length='x': Input should be a valid integer"),
         ("int4", {"residual_length": 8, "score_chunk": 16}, "must not exceed residual_length"),
-        ("hybrid", {"hybrid_bits": 3}, "hybrid_bits must be 2, 4 or 8"),
-        ("fp16", {"attn": "magic"}, "attn must be one of"),
-        ("int4", {"quant_backend": "foo"}, "quant_backend must be quanto or hqq"),
+        ("hybrid", {"hybrid_bits": "3"}, "option hybrid_bits='3': must be 2, 4 or 8"),
+        ("fp16", {"attn": "magic"}, "option attn='magic': Input should be 'auto', 'flash_attention_2'"),
+        ("int4", {"quant_backend": "foo"}, "option quant_backend='foo': Input should be 'quanto' or 'hqq'"),
+        ("int4", {"residual": "8"}, "kvq: unknown option 'residual'; valid: device, threads, seed, attn"),
         ("int9", {}, "unknown variant kvq:int9"),
     ],
 )
@@ -248,7 +250,7 @@ def test_smollm2_perplexity_through_the_cache(data_dir):
 def test_context_length_sweep_through_the_harness(tmp_path, data_dir, monkeypatch):
     """``--context-lengths`` gives KV MB per length and precision; the report tabulates it."""
     from harness.cli import main
-    from harness.results import read_records
+    from reports.records import read_records
 
     monkeypatch.setenv("HARNESS_DATA_DIR", str(data_dir))
     code = main(["run", "--model", "tiny-llama", "--backends", "kvq:fp16,kvq:int4", "--context-lengths", "32,64",

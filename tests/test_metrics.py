@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from harness.metrics import generation_timings, inter_token_latencies_ms, perplexity, summarize
+from workloads.metrics import generation_timings, inter_token_latencies_ms, perplexity, summarize
 
 
 def test_generation_timings_hand_worked():

@@ -19,7 +19,7 @@ from backends.base import BackendError, ScoringWindow, backend_class, variant_av
 from backends.hf.backend import TransformersBackend, module_weight_bytes  # noqa: E402
 from backends.models import ModelSpec  # noqa: E402
 from backends.onnx import artifacts  # noqa: E402
-from backends.onnx.backend import OnnxRuntimeBackend, log_softmax_pick  # noqa: E402
+from backends.onnx.backend import OnnxRuntimeBackend  # noqa: E402
 
 PROMPTS = [[1, 400, 5000, 61, 9000, 12], [800, 77, 1000]]
 WINDOW = ScoringWindow(tuple(int(t) for t in np.random.default_rng(0).integers(0, 49152, 48)), 7)
@@ -64,21 +64,21 @@ def test_registered_and_available():
         OnnxRuntimeBackend("fp16")
 
 
-def test_bad_options_are_one_line_errors(tiny_model, onnx_cache):
-    with pytest.raises(BackendError, match="block_size must be a power of two"):
-        OnnxRuntimeBackend("int4", {"int4_block_size": 48}).load(tiny_model)
-    with pytest.raises(BackendError, match="expected a boolean"):
-        OnnxRuntimeBackend("int8", {"int8_per_channel": "maybe"}).load(tiny_model)
-    with pytest.raises(BackendError, match="algorithm must be rtn or hqq"):
-        OnnxRuntimeBackend("int4", {"int4_algorithm": "gptq"}).load(tiny_model)
-    with pytest.raises(BackendError, match="threads must be an integer"):
-        OnnxRuntimeBackend("fp32", {"threads": "many"}).load(tiny_model)
-    with pytest.raises(BackendError, match="device must be cpu or cuda"):
-        OnnxRuntimeBackend("fp32", {"device": "tpu"}).load(tiny_model)
+def test_bad_options_are_one_line_errors_at_construction():
+    with pytest.raises(BackendError, match="option int4_block_size=48: .*power of two"):
+        OnnxRuntimeBackend("int4", {"int4_block_size": 48})
+    with pytest.raises(BackendError, match="option int8_per_channel='maybe': .*valid boolean"):
+        OnnxRuntimeBackend("int8", {"int8_per_channel": "maybe"})
+    with pytest.raises(BackendError, match="option int4_algorithm='gptq': .*'rtn' or 'hqq'"):
+        OnnxRuntimeBackend("int4", {"int4_algorithm": "gptq"})
+    with pytest.raises(BackendError, match="option threads='many': .*valid integer"):
+        OnnxRuntimeBackend("fp32", {"threads": "many"})
+    with pytest.raises(BackendError, match="option device='tpu': .*'auto', 'cpu' or 'cuda'"):
+        OnnxRuntimeBackend("fp32", {"device": "tpu"})
 
 
 def test_cuda_request_without_cuda_says_why(tiny_model, onnx_cache):
-    from backends.hf.backend import cuda_available
+    from backends.device import cuda_available
 
     if cuda_available():
         pytest.skip("a CUDA device is visible")
@@ -91,12 +91,12 @@ def test_export_is_a_decoder_with_past(fp32):
     backend, report = fp32
     names = {i.name for i in backend.session.get_inputs()}
     assert {"input_ids", "attention_mask", "past_key_values.0.key", "past_key_values.1.value"} <= names
-    extra = report.extra
-    assert extra["cache_hit"] is False and extra["export_done_now"] is True
-    assert extra["export_s"] > 0 and extra["quantize_s"] == 0
-    on_disk = sum(p.stat().st_size for p in Path(extra["artifact_dir"]).iterdir() if p.name != "manifest.json")
-    assert extra["artifact_bytes"] == on_disk
-    assert extra["provider"] == "CPUExecutionProvider" and extra["threads"] == 2
+    prepared = report.preparation
+    assert prepared.cache_hit is False and report.details["export_done_now"] is True
+    assert prepared.export_s > 0 and prepared.quantize_s == 0
+    on_disk = sum(p.stat().st_size for p in Path(prepared.artifact_dir).iterdir() if p.name != "manifest.json")
+    assert prepared.artifact_bytes == on_disk
+    assert report.details["provider"] == "CPUExecutionProvider" and backend.info()["threads"] == 2
     assert backend.session.get_session_options().intra_op_num_threads == 2
 
 
@@ -189,9 +189,9 @@ def test_second_load_uses_the_cache(fp32, tiny_model, monkeypatch):
     monkeypatch.setattr("backends.onnx.export.export_decoder", no_export)
     again = OnnxRuntimeBackend("fp32", {"threads": 2})
     report = again.load(tiny_model)
-    assert report.extra["cache_hit"] is True and report.extra["export_done_now"] is False
-    assert report.extra["artifact_dir"] == first.extra["artifact_dir"]
-    assert report.extra["export_s"] == first.extra["export_s"]  # the recorded cost, not re-measured
+    assert report.preparation.cache_hit is True and report.details["export_done_now"] is False
+    assert report.preparation.artifact_dir == first.preparation.artifact_dir
+    assert report.preparation.export_s == first.preparation.export_s  # the recorded cost, not re-measured
     again.close()
 
 
@@ -226,7 +226,7 @@ def test_cache_key_changes_with_settings_and_versions(monkeypatch):
 @pytest.mark.parametrize("damage", ["truncated graph", "garbled graph", "garbled manifest", "no manifest"])
 def test_corrupt_cache_entry_is_rebuilt(tiny_model, onnx_cache, damage):
     backend = OnnxRuntimeBackend("int4", {"threads": 2, "int4_block_size": 16})
-    directory = Path(backend.load(tiny_model).extra["artifact_dir"])
+    directory = Path(backend.load(tiny_model).preparation.artifact_dir)
     backend.close()
     model = directory / "model.onnx"
     if damage == "truncated graph":
@@ -240,8 +240,8 @@ def test_corrupt_cache_entry_is_rebuilt(tiny_model, onnx_cache, damage):
     rebuilt = OnnxRuntimeBackend("int4", {"threads": 2, "int4_block_size": 16})
     with pytest.warns(UserWarning, match="corrupt"):
         report = rebuilt.load(tiny_model)
-    assert report.extra["cache_hit"] is False and report.extra["cache_rebuilt"]
-    assert json.loads((directory / "manifest.json").read_text())["artifact_bytes"] == report.extra["artifact_bytes"]
+    assert report.preparation.cache_hit is False and report.details["cache_rebuilt"]
+    assert json.loads((directory / "manifest.json").read_text())["artifact_bytes"] == report.preparation.artifact_bytes
     assert rebuilt.loglikelihood([WINDOW])[0].shape == (WINDOW.n_scored,)
     rebuilt.close()
 
@@ -263,11 +263,11 @@ def test_int8_quantizes_matmuls_and_honours_exclusions(fp32, tiny_model):
     _, fp32_report = fp32
     everything = OnnxRuntimeBackend("int8", {"threads": 2, "int8_exclude": "none"})
     report = everything.load(tiny_model)
-    graph = Path(report.extra["artifact_dir"]) / "model.onnx"
+    graph = Path(report.preparation.artifact_dir) / "model.onnx"
     assert "MatMulInteger" in ops(graph) and "DynamicQuantizeLinear" in ops(graph)
     assert report.weight_bytes < fp32_report.weight_bytes
-    assert report.extra["quantize_s"] > 0 and report.extra["export_s"] == fp32_report.extra["export_s"]
-    assert report.extra["export_done_now"] is False  # quantized from the cached fp32 export
+    assert report.preparation.quantize_s > 0 and report.preparation.export_s == fp32_report.preparation.export_s
+    assert report.details["export_done_now"] is False  # quantized from the cached fp32 export
     out = everything.generate(PROMPTS, 3, min_new_tokens=3)
     assert [len(t) for t in out.token_ids] == [3, 3]
     logprobs = everything.loglikelihood([WINDOW])[0]
@@ -275,7 +275,7 @@ def test_int8_quantizes_matmuls_and_honours_exclusions(fp32, tiny_model):
     everything.close()
 
     partial = OnnxRuntimeBackend("int8", {"threads": 2, "int8_exclude": "/mlp/down_proj/"})
-    graph = Path(partial.load(tiny_model).extra["artifact_dir"]) / "model.onnx"
+    graph = Path(partial.load(tiny_model).preparation.artifact_dir) / "model.onnx"
     nodes = onnx.load(str(graph), load_external_data=False).graph.node
     kept = [n.name for n in nodes if n.op_type == "MatMul" and "down_proj" in n.name]
     assert len(kept) == 2  # one per layer stays fp32
@@ -289,7 +289,7 @@ def test_int4_is_matmulnbits(fp32, tiny_model, hf):
     _, fp32_report = fp32
     backend = OnnxRuntimeBackend("int4", {"threads": 2})
     report = backend.load(tiny_model)
-    graph = Path(report.extra["artifact_dir"]) / "model.onnx"
+    graph = Path(report.preparation.artifact_dir) / "model.onnx"
     assert "MatMulNBits" in ops(graph)
     # The decoder layers' projections go from 32 to about 5.1 bits a weight (4-bit codes, an fp32
     # scale and a 4-bit zero point per block of 32); the tied embedding / lm_head stays fp32.
@@ -307,7 +307,7 @@ def test_int4_is_matmulnbits(fp32, tiny_model, hf):
 def test_int4_hqq_has_float_zero_points(fp32, tiny_model):
     backend = OnnxRuntimeBackend("int4", {"threads": 2, "int4_algorithm": "hqq"})
     report = backend.load(tiny_model)
-    graph = onnx.load(str(Path(report.extra["artifact_dir"]) / "model.onnx"), load_external_data=False).graph
+    graph = onnx.load(str(Path(report.preparation.artifact_dir) / "model.onnx"), load_external_data=False).graph
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
     assert nbits and all(len(n.input) >= 4 and n.input[3] for n in nbits)  # zero points present
     zero_points = {t.name: t.data_type for t in graph.initializer}
@@ -315,14 +315,6 @@ def test_int4_hqq_has_float_zero_points(fp32, tiny_model):
     assert backend.info()["quantization"]["algorithm"] == "hqq"
     assert np.all(np.isfinite(backend.loglikelihood([WINDOW])[0]))
     backend.close()
-
-
-def test_log_softmax_pick_matches_definition():
-    rng = np.random.default_rng(1)
-    logits = rng.normal(size=(600, 50)).astype(np.float32) * 10
-    targets = rng.integers(0, 50, 600)
-    expected = logits - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
-    np.testing.assert_allclose(log_softmax_pick(logits, targets), expected[np.arange(600), targets], atol=1e-9)
 
 
 # --- end to end on SmolLM2 and the shared data ---------------------------------------------------

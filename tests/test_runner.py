@@ -5,7 +5,7 @@ import json
 import pytest
 
 from harness.cli import main
-from harness.results import read_records
+from reports.records import read_records
 
 
 @pytest.fixture
@@ -13,36 +13,44 @@ def data_env(data_dir, monkeypatch):
     monkeypatch.setenv("HARNESS_DATA_DIR", str(data_dir))
 
 
-def test_run_writes_records_report_and_isolates_failure(tmp_path, data_env):
-    # attn=bogus makes every transformers load fail; a second job uses a valid backend.
+def test_run_writes_the_same_records_as_jsonl_csv_and_sqlite_and_the_same_report_from_each(tmp_path, data_env):
     code = main(["run", "--model", "tiny-llama", "--backends", "hf:fp32,bnb:nf4", "--input-lens", "16",
                  "--output-len", "4", "--warmup", "0", "--repetitions", "2", "--out", str(tmp_path)])
     assert code == 0
     records = read_records(tmp_path / "results.jsonl")
     assert [r["label"] for r in records] == ["hf:fp32", "bnb:nf4"]
     for r in records:
-        assert r["status"] == "ok" and r["workload"] == "latency"
+        assert r["status"] == "ok" and r["workload"] == "latency" and r["schema"] == 2
         assert r["metrics"]["ttft_ms"]["n"] == 2
-        assert r["metrics"]["decode_tok_s"]["median"] > 0
+        assert r["metrics"]["decode_tok_s"]["median"] > 0 and r["metrics"]["peak_rss_bytes"] > 0
         assert len(r["samples"]["runs"]) == 2
         assert r["env"]["cores_logical"] >= 1 and "torch" in r["env"]["packages"]
         assert r["load"]["weight_bytes"] > 0
+        assert r["load"]["load_s"] == pytest.approx(r["load"]["load_call_s"] + r["load"]["first_forward_s"])
+        assert r["options"].get("threads") is None and r["options"]["attn"] == "sdpa"  # as parsed, defaults in
+    assert read_records(tmp_path / "results.csv") == records
+    assert read_records(tmp_path / "results.sqlite") == records
     report = (tmp_path / "report.md").read_text()
     assert "| hf:fp32 |" in report and "| bnb:nf4 |" in report
-    # re-rendering from records alone gives the same report
-    (tmp_path / "report.md").unlink()
-    assert main(["report", str(tmp_path / "results.jsonl")]) == 0
-    assert (tmp_path / "report.md").read_text() == report
+    # re-rendering from records alone gives the same report, from any of the three files
+    for name in ("results.jsonl", "results.csv", "results.sqlite"):
+        (tmp_path / "report.md").unlink()
+        assert main(["report", str(tmp_path / name)]) == 0
+        assert (tmp_path / "report.md").read_text() == report, name
 
 
 def test_failing_load_is_recorded_and_others_still_run(tmp_path, data_env):
-    code = main(["run", "--model", "tiny-llama", "--backends", "hf:fp32,hf:fp16,bnb:int8",
+    # kvq's group size is checked against the model's head_dim (16) only when it loads
+    code = main(["run", "--model", "tiny-llama", "--backends", "hf:fp32,kvq:int4,bnb:int8",
                  "--input-lens", "8", "--output-len", "2", "--warmup", "0", "--repetitions", "1",
-                 "--backend-option", "attn=bogus-attention", "--out", str(tmp_path)])
+                 "--backend-option", "kvq.q_group_size=5", "--out", str(tmp_path)])
     assert code == 1
-    records = read_records(tmp_path / "results.jsonl")
-    assert len(records) == 3 and all(r["status"] == "failed" for r in records)
-    assert "load failed" in records[0]["error"] and "bogus-attention" in records[0]["error"]
+    records = {r["label"]: r for r in read_records(tmp_path / "results.jsonl")}
+    assert list(records) == ["hf:fp32", "kvq:int4", "bnb:int8"]
+    assert records["kvq:int4"]["status"] == "failed"
+    assert "load failed" in records["kvq:int4"]["error"] and "must divide head_dim 16" in records["kvq:int4"]["error"]
+    assert records["hf:fp32"]["status"] == "ok" and records["bnb:int8"]["status"] == "ok"
+    assert records["kvq:int4"]["options"]["q_group_size"] == 5 and records["hf:fp32"]["options"].get("q_group_size") is None
     assert "Failures" in (tmp_path / "report.md").read_text()
 
 
@@ -61,7 +69,7 @@ def test_records_are_json_lines_without_nan(tmp_path, data_env):
           "--output-len", "1", "--warmup", "0", "--repetitions", "1", "--out", str(tmp_path)])
     line = (tmp_path / "results.jsonl").read_text().splitlines()[0]
     record = json.loads(line)
-    assert record["metrics"]["tpot_ms"]["median"] is None  # one token: no decode phase, NaN -> null
+    assert record["metrics"]["tpot_ms"].get("median") is None  # one token: no decode phase, NaN -> null
     assert "NaN" not in line
 
 

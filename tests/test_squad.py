@@ -60,11 +60,11 @@ def test_aggregate_splits_hasans_noans():
     rows = [{"em": 1, "f1": 1.0, "has_answer": True}, {"em": 0, "f1": 0.5, "has_answer": True},
             {"em": 1, "f1": 1.0, "has_answer": False}, {"em": 0, "f1": 0.0, "has_answer": False}]
     m = aggregate(rows)
-    assert m["exact"] == 50.0 and m["f1"] == pytest.approx(62.5)
-    assert m["HasAns_exact"] == 50.0 and m["HasAns_f1"] == pytest.approx(75.0)
-    assert m["NoAns_accuracy"] == 50.0
+    assert m["exact_pct"] == 50.0 and m["f1_pct"] == pytest.approx(62.5)
+    assert m["HasAns_exact_pct"] == 50.0 and m["HasAns_f1_pct"] == pytest.approx(75.0)
+    assert m["NoAns_accuracy_pct"] == 50.0
     assert (m["total"], m["HasAns_total"], m["NoAns_total"]) == (4, 2, 2)
-    assert m["f1_ci95"][0] <= m["f1"] <= m["f1_ci95"][1]
+    assert m["f1_pct_ci95"][0] <= m["f1_pct"] <= m["f1_pct_ci95"][1]
 
 
 def _write(tmp_path, obj):

@@ -1,14 +1,21 @@
-"""What a workload is: a named measurement that drives any ``Backend`` through its public contract.
+"""What a workload is: a named measurement that drives any ``Backend`` through its public contract,
+and declares everything the harness and the report need to know about it.
 
 A workload knows nothing about a backend's internals (lm-evaluation-harness's task/model split):
-it gets a loaded backend and the model's tokenizer and returns metrics and raw samples.
+it gets a loaded backend and the model's tokenizer and returns metrics and raw samples. Its
+parameter dataclass declares the command-line flags (``param``), the class declares its cell ids,
+the data files it reads, its metrics (``Metric``: name, unit, which direction is better) and its
+section of the markdown report, so that adding a workload is one module and one registry line.
 """
 
 from __future__ import annotations
 
 import abc
+import argparse
+import itertools
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, ClassVar
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Literal
 
 from backends.base import Backend
 
@@ -16,20 +23,71 @@ Progress = Callable[[int, int], None]  # (done, total)
 
 
 class WorkloadError(RuntimeError):
-    """The workload cannot run (missing data, a refused combination); the message is one line."""
+    """The workload cannot run (missing data, bad parameters, a refused combination); one line."""
 
 
 @dataclass
 class WorkloadResult:
-    """``metrics``: summary numbers for tables; ``samples``: the raw measurements behind them."""
+    """``metrics``: summary numbers for tables, named ``{metric}_{unit}``; ``samples``: the raw
+    measurements behind them."""
 
     metrics: dict[str, Any]
     samples: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Metric:
+    """A metric a workload reports: ``name`` is its key in a record's ``metrics`` (``{metric}_{unit}``,
+    e.g. ``ttft_ms``), ``unit`` as printed, ``better`` which direction is an improvement."""
+
+    name: str
+    unit: str
+    better: Literal["higher", "lower"]
+    description: str
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type: ``"128,512"`` -> ``[128, 512]``, every value >= 1."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def positive_int(text: str) -> int:
+    """argparse type: one integer >= 1."""
+    values = positive_ints(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one positive integer, got {text!r}")
+    return values[0]
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: one integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected >= 0, got {value}")
+    return value
+
+
+def param(default: int, help: str, *flags: str, sweep: bool = False, minimum: int = 1,
+          cli_default: list[int] | None = None) -> Any:
+    """A workload parameter field: its command-line ``flags`` (first is the name), ``help``, and
+    whether the flag takes a comma list (``sweep``: one cell per value, ``cli_default`` the list
+    used when the flag is not given); integers ``>= minimum``."""
+    return field(default=default, metadata={"flags": flags, "help": help, "sweep": sweep, "minimum": minimum,
+                                            "cli_default": cli_default or [default]})
+
+
 @dataclass
 class WorkloadParams:
-    """Base of each workload's parameters (a dataclass, so records carry them verbatim)."""
+    """Base of each workload's parameters (a dataclass of ``param`` fields; records carry them verbatim)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -41,16 +99,96 @@ class WorkloadParams:
 
 
 class Workload(abc.ABC):
-    """A measurement. ``needs_quality``: meaningless on random weights (refused there)."""
+    """A measurement.
+
+    Class attributes:
+        name, description: registry key and one line for ``harness list``.
+        needs_quality: meaningless on random weights (refused there).
+        Params: the parameter dataclass (fields made with ``param``).
+        data_files: files it reads, relative to ``$HARNESS_DATA_DIR`` (glob patterns allowed).
+        metrics: what it reports (``Metric``).
+    """
 
     name: ClassVar[str]
     description: ClassVar[str]
     needs_quality: ClassVar[bool] = False
     Params: ClassVar[type[WorkloadParams]]
+    data_files: ClassVar[tuple[str, ...]] = ()
+    metrics: ClassVar[tuple[Metric, ...]] = ()
 
     def __init__(self, params: WorkloadParams):
         self.params = params
 
+    # --- declaration: command line, cells, checks --------------------------------------------
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add this workload's flags (one argument group) to ``parser``."""
+        group = parser.add_argument_group(cls.name)
+        for f in fields(cls.Params):
+            meta = f.metadata
+            if meta.get("sweep"):
+                kind, default = positive_ints, list(meta["cli_default"])
+            else:
+                kind, default = (positive_int if meta["minimum"] >= 1 else non_negative_int), f.default
+            shown = ",".join(map(str, default)) if isinstance(default, list) else default
+            group.add_argument(*meta["flags"], dest=f"{cls.name}__{f.name}", type=kind, default=default,
+                               help=f"{meta['help']} (default {shown})")
+
+    @classmethod
+    def params_from_args(cls, args: argparse.Namespace) -> list[WorkloadParams]:
+        """One ``Params`` per cell: the cross product of the sweep flags' values, in order.
+
+        Raises:
+            WorkloadError: parameters ``check`` rejects.
+        """
+        axes = []
+        for f in fields(cls.Params):
+            value = getattr(args, f"{cls.name}__{f.name}", f.default)
+            axes.append([(f.name, v) for v in dict.fromkeys(value)] if f.metadata.get("sweep") else [(f.name, value)])
+        cells = [cls.Params(**dict(combo)) for combo in itertools.product(*axes)]
+        for params in cells:
+            cls.check(params)
+        return cells
+
+    @classmethod
+    def check(cls, params: WorkloadParams) -> None:
+        """Reject parameter combinations before anything runs (raise ``WorkloadError``)."""
+
+    @classmethod
+    def cell_id(cls, params: WorkloadParams) -> str:
+        """A stable id of one cell, unique within a run (default: the workload name)."""
+        return cls.name
+
+    @classmethod
+    def missing_data(cls, data_dir: Path) -> str | None:
+        """The first of ``data_files`` absent under ``data_dir``, as a path, or None."""
+        for pattern in cls.data_files:
+            if not list(data_dir.glob(pattern)):
+                return str(data_dir / pattern)
+        return None
+
+    # --- running -------------------------------------------------------------------------------
     @abc.abstractmethod
     def run(self, backend: Backend, tokenizer, progress: Progress) -> WorkloadResult:
         """Measure ``backend`` (already loaded). Raises ``WorkloadError`` with a one-line reason."""
+
+    # --- reporting -----------------------------------------------------------------------------
+    @classmethod
+    def report_section(cls, records: list[dict[str, Any]], out_dir: Path) -> list[str]:
+        """Markdown lines of this workload's report section, from its ok records alone (never
+        re-running anything). The default: a table of the declared ``metrics`` per backend
+        (medians where a metric has statistics)."""
+        from reports.markdown import md_table
+
+        mine = [r for r in records if r["workload"] == cls.name and r["status"] == "ok"]
+        if not mine or not cls.metrics:
+            return []
+
+        def show(value: Any) -> str:
+            if isinstance(value, dict):
+                value = value.get("median")
+            return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+        header = ["backend", "cell"] + [f"{m.name} ({m.better} is better)" for m in cls.metrics]
+        rows = [[r["label"], r["cell_id"]] + [show(r["metrics"].get(m.name)) for m in cls.metrics] for r in mine]
+        return [f"## {cls.name}: {cls.description}", "", md_table(header, rows)]

@@ -4,17 +4,19 @@ Protocol (llama-bench / optimum-benchmark style): prompts are cut from the WikiT
 exactly ``n_in`` tokens (token ids are handed to backends directly, so no re-tokenization can
 change the count); every generation is greedy with ``min_new_tokens = max_new_tokens = n_out``, so
 every backend produces the same number of tokens. ``warmup`` untimed runs, then ``repetitions``
-timed ones; each metric is summarised over repetitions (``harness.metrics.summarize``).
+timed ones; each metric is summarised over repetitions (``workloads.metrics.summarize``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from backends.memory import PeakMemorySampler
-from harness.metrics import generation_timings, inter_token_latencies_ms, summarize
-from workloads.base import Progress, Workload, WorkloadError, WorkloadParams, WorkloadResult
-from workloads.data import wikitext2_token_ids
+from workloads.base import Metric, Progress, Workload, WorkloadError, WorkloadParams, WorkloadResult, param
+from workloads.data import WIKITEXT2_FILE, wikitext2_token_ids
+from workloads.metrics import generation_timings, inter_token_latencies_ms, summarize
 
 TIMING_KEYS = ("ttft_ms", "tpot_ms", "e2e_ms", "prefill_tok_s", "decode_tok_s")
 
@@ -23,11 +25,12 @@ TIMING_KEYS = ("ttft_ms", "tpot_ms", "e2e_ms", "prefill_tok_s", "decode_tok_s")
 class LatencyParams(WorkloadParams):
     """``n_in`` prompt tokens, ``n_out`` generated tokens, ``batch`` sequences per call."""
 
-    n_in: int = 128
-    n_out: int = 64
-    batch: int = 1
-    warmup: int = 2
-    repetitions: int = 5
+    n_in: int = param(128, "prompt tokens; a list sweeps the context length", "--input-lens",
+                      "--context-lengths", sweep=True, cli_default=[128, 512])
+    n_out: int = param(64, "new tokens", "--output-len")
+    batch: int = param(1, "sequences per call", "--batch-sizes", sweep=True)
+    warmup: int = param(2, "untimed runs per cell", "--warmup", minimum=0)
+    repetitions: int = param(5, "timed runs per cell", "--repetitions")
 
 
 def build_prompts(corpus_ids, n_in: int, batch: int) -> list[list[int]]:
@@ -48,6 +51,39 @@ class LatencyWorkload(Workload):
     name = "latency"
     description = "TTFT, TPOT, ITL, prefill/decode tokens/s, end-to-end latency, peak memory"
     Params = LatencyParams
+    data_files = (WIKITEXT2_FILE,)
+    metrics = (
+        Metric("ttft_ms", "ms", "lower", "time to first token"),
+        Metric("tpot_ms", "ms", "lower", "time per output token after the first"),
+        Metric("itl_ms", "ms", "lower", "inter-token latency"),
+        Metric("e2e_ms", "ms", "lower", "end-to-end latency of one generation"),
+        Metric("prefill_tok_s", "tok/s", "higher", "batch x n_in / TTFT"),
+        Metric("decode_tok_s", "tok/s", "higher", "batch x (n_out - 1) / (e2e - TTFT)"),
+        Metric("peak_rss_bytes", "bytes", "lower", "peak resident memory of the worker process"),
+        Metric("kv_cache_bytes", "bytes", "lower", "KV cache at the end of generation"),
+    )
+
+    @classmethod
+    def cell_id(cls, params: LatencyParams) -> str:
+        return f"latency-in{params.n_in}-out{params.n_out}-b{params.batch}"
+
+    @classmethod
+    def report_section(cls, records: list[dict[str, Any]], out_dir: Path) -> list[str]:
+        """Every latency shape, and KV-cache MB against context length."""
+        from reports.markdown import md_table
+        from reports.table import LATENCY_COLUMNS, kv_context_table, latency_rows
+
+        parts: list[str] = []
+        rows = latency_rows(records)
+        if rows:
+            parts += ["## Latency, every shape", "", "median (p90)", "", md_table(LATENCY_COLUMNS, rows)]
+        kv_header, kv_rows = kv_context_table(records)
+        if kv_rows:
+            parts += ["", "## KV-cache MB vs context length", "",
+                      "MB the KV cache holds right after prefill of n_in tokens (payload, scales, residual); "
+                      "bytes per cached token and the compression at the longest prompt.", "",
+                      md_table(kv_header, kv_rows)]
+        return parts
 
     def run(self, backend, tokenizer, progress: Progress) -> WorkloadResult:
         p: LatencyParams = self.params
@@ -73,7 +109,8 @@ class LatencyWorkload(Workload):
                 extras.append({"steps_ms": [(t - out.start_s) * 1e3 for t in out.step_times_s], **out.extra})
         metrics = {key: summarize([r[key] for r in runs]) for key in TIMING_KEYS}
         metrics["itl_ms"] = summarize(itl)
-        metrics["memory"] = {**sampler.result(), **backend.memory()}
+        memory = {**sampler.result(), **backend.memory()}
+        metrics.update({f"{key}_bytes": value for key, value in memory.items()})
         kv = [e["kv_cache_bytes"] for e in extras if "kv_cache_bytes" in e]
         if kv:
             metrics["kv_cache_bytes"] = max(kv)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from workloads.base import Progress, Workload, WorkloadError, WorkloadParams, WorkloadResult
+from workloads.base import Metric, Progress, Workload, WorkloadError, WorkloadParams, WorkloadResult, param
 from workloads.data import ENV_VAR, SQUAD_GLOB, data_dir
 from workloads.squad_scoring import ABSTAIN_WORD, aggregate, normalize_answer, score_prediction
 
@@ -47,10 +47,10 @@ class SquadQuestion:
 
 @dataclass
 class SquadParams(WorkloadParams):
-    n: int = 200
-    shots: int = 0
-    batch_size: int = 8
-    seed: int = 0
+    n: int = param(200, "questions, stratified HasAns/NoAns", "--squad-n")
+    shots: int = param(0, "worked examples per prompt", "--squad-shots", minimum=0)
+    batch_size: int = param(8, "questions per generate call", "--squad-batch")
+    seed: int = param(0, "sampling seed", "--squad-seed", minimum=0)
 
 
 def _field(obj: Any, key: str, where: str, path: Path, kind: type):
@@ -192,6 +192,33 @@ class SquadWorkload(Workload):
     description = "SQuAD v2.0 generative QA: EM / F1, HasAns F1, NoAns accuracy"
     needs_quality = True
     Params = SquadParams
+    data_files = (SQUAD_GLOB,)
+    metrics = (
+        Metric("exact_pct", "%", "higher", "exact match (official SQuAD v2.0 normalisation)"),
+        Metric("f1_pct", "%", "higher", "token F1"),
+        Metric("HasAns_f1_pct", "%", "higher", "F1 on answerable questions"),
+        Metric("NoAns_accuracy_pct", "%", "higher", "abstentions on unanswerable questions"),
+    )
+
+    @classmethod
+    def cell_id(cls, params: SquadParams) -> str:
+        return f"squad-n{params.n}-k{params.shots}"
+
+    @classmethod
+    def report_section(cls, records: list[dict[str, Any]], out_dir: Path) -> list[str]:
+        from reports.markdown import md_table
+        from reports.squad import squad_section
+
+        header, rows, base, example = squad_section(records)
+        if not rows:
+            return []
+        first = next(r for r in records if r["workload"] == cls.name and r["status"] == "ok")["metrics"]
+        return ["## SQuAD v2.0 (generative QA)", "",
+                f"Official v2.0 scoring (x100). Prompt `{first['prompt_version']}`, {first['shots']}-shot, "
+                f"seed {first['seed']}, chat template: {'yes' if first['chat_template'] else 'no'}. "
+                f"Agreement: share of questions whose normalised answer equals {base}'s.", "",
+                md_table(header, rows), "", "<details><summary>Example prompt</summary>", "",
+                "```text", example or "", "```", "", "</details>"]
 
     def run(self, backend, tokenizer, progress: Progress) -> WorkloadResult:
         p: SquadParams = self.params

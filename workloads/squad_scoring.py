@@ -92,16 +92,16 @@ def aggregate(rows: Sequence[dict]) -> dict:
         return float(np.mean(values) * 100) if values else float("nan")
 
     return {
-        "exact": mean([r["em"] for r in rows]),
-        "f1": mean([r["f1"] for r in rows]),
-        "exact_ci95": bootstrap_ci([r["em"] for r in rows]),
-        "f1_ci95": bootstrap_ci([r["f1"] for r in rows]),
+        "exact_pct": mean([r["em"] for r in rows]),
+        "f1_pct": mean([r["f1"] for r in rows]),
+        "exact_pct_ci95": bootstrap_ci([r["em"] for r in rows]),
+        "f1_pct_ci95": bootstrap_ci([r["f1"] for r in rows]),
         "total": len(rows),
-        "HasAns_exact": mean([r["em"] for r in has]),
-        "HasAns_f1": mean([r["f1"] for r in has]),
-        "HasAns_f1_ci95": bootstrap_ci([r["f1"] for r in has]),
+        "HasAns_exact_pct": mean([r["em"] for r in has]),
+        "HasAns_f1_pct": mean([r["f1"] for r in has]),
+        "HasAns_f1_pct_ci95": bootstrap_ci([r["f1"] for r in has]),
         "HasAns_total": len(has),
-        "NoAns_accuracy": mean([r["em"] for r in no]),
-        "NoAns_accuracy_ci95": bootstrap_ci([r["em"] for r in no]),
+        "NoAns_accuracy_pct": mean([r["em"] for r in no]),
+        "NoAns_accuracy_pct_ci95": bootstrap_ci([r["em"] for r in no]),
         "NoAns_total": len(no),
     }

@@ -6,26 +6,29 @@ Protocol: the transformers guide "Perplexity of fixed-length models"
 scores only the tokens the previous window did not (its first ``context - stride`` tokens are
 context), so every token after the first is scored exactly once, with up to ``context - 1``
 tokens of history. ``max_eval_tokens`` keeps a prefix of the token stream (0 = all ~305k tokens).
-PPL = exp(mean NLL over all scored tokens), with its standard error (``harness.metrics.perplexity``).
+PPL = exp(mean NLL over all scored tokens), with its standard error (``workloads.metrics.perplexity``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from backends.base import ScoringWindow
-from harness.metrics import perplexity
-from workloads.base import Progress, Workload, WorkloadError, WorkloadParams, WorkloadResult
-from workloads.data import wikitext2_token_ids
+from workloads.base import Metric, Progress, Workload, WorkloadError, WorkloadParams, WorkloadResult, param
+from workloads.data import WIKITEXT2_FILE, wikitext2_token_ids
+from workloads.metrics import perplexity
 
 
 @dataclass
 class WikiTextParams(WorkloadParams):
-    context: int = 1024
-    stride: int = 512
-    max_eval_tokens: int = 8192
+    context: int = param(1024, "window tokens", "--ppl-context")
+    stride: int = param(512, "stride tokens", "--ppl-stride")
+    max_eval_tokens: int = param(8192, "score this many leading tokens; 0 = the whole split",
+                                 "--max-eval-tokens", minimum=0)
 
 
 def sliding_windows(token_ids, context: int, stride: int) -> list[ScoringWindow]:
@@ -55,6 +58,26 @@ class WikiText2Workload(Workload):
     description = "token-level perplexity on WikiText-2 (sliding window)"
     needs_quality = True
     Params = WikiTextParams
+    data_files = (WIKITEXT2_FILE,)
+    metrics = (Metric("ppl", "", "lower", "token-level perplexity, exp(mean NLL)"),)
+
+    @classmethod
+    def check(cls, params: WikiTextParams) -> None:
+        if params.stride > params.context:
+            raise WorkloadError(f"--ppl-stride {params.stride} must be <= --ppl-context {params.context}")
+
+    @classmethod
+    def report_section(cls, records: list[dict[str, Any]], out_dir: Path) -> list[str]:
+        from reports.markdown import md_table
+
+        ppl = [r for r in records if r["workload"] == cls.name and r["status"] == "ok"]
+        if not ppl:
+            return []
+        return ["## Perplexity (WikiText-2 raw, test)", "", md_table(
+            ["backend", "PPL", "SE", "95% CI", "tokens", "protocol"],
+            [[r["label"], f"{r['metrics']['ppl']:.3f}", f"{r['metrics']['ppl_se']:.3f}",
+              "{:.3f} - {:.3f}".format(*r["metrics"]["ppl_ci95"]), str(r["metrics"]["n_tokens"]),
+              r["metrics"]["protocol"]] for r in ppl])]
 
     def run(self, backend, tokenizer, progress: Progress) -> WorkloadResult:
         p: WikiTextParams = self.params

@@ -8,68 +8,34 @@ themselves (``info``), so timing, scoring and accounting are the same code for a
 
 from __future__ import annotations
 
-import functools
 import time
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 
 from backends.base import (
     Availability,
     Backend,
     BackendError,
     GenerationOutput,
-    LoadReport,
+    GenerationRequest,
+    LoadedModel,
     ScoringWindow,
-    left_pad,
-    stop_token_set,
-    trim_at_stop,
 )
-from backends.models import ModelSpec, TorchLoadOptions, checkpoint_dir, load_causal_lm, prepare_seconds
+from backends.device import default_device, dtype_availability
+from backends.kv import kv_fp16_analytic_bytes
+from backends.models import ModelError, ModelSpec, TorchLoadOptions, load_causal_lm
+from backends.options import BackendOptions
+from backends.scoring import target_logprobs
+from backends.tokens import left_pad, stop_token_set, trim_at_stop
 
 
-@functools.lru_cache(maxsize=1)
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The host CPU's feature flags from /proc/cpuinfo (empty where that file does not exist)."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+class TransformersOptions(BackendOptions):
+    """Options of the transformers backends (``hf``, and the ``bnb`` / ``kvq`` ones built on it)."""
 
-
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def default_device() -> str:
-    """``"cuda"`` when a CUDA device is visible, else ``"cpu"``: GPU paths are chosen automatically."""
-    return "cuda" if cuda_available() else "cpu"
-
-
-def dtype_availability(dtype: str, device: str) -> Availability:
-    """Whether ``device`` computes in ``dtype`` natively (emulated half precision is not offered:
-    its numbers would measure the emulation, not the format)."""
-    import torch
-
-    if dtype == "float32":
-        return Availability.yes()
-    if device == "cuda":
-        if dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
-            return Availability.no("this GPU has no bf16 support")
-        return Availability.yes()
-    flags = cpu_flags()
-    if dtype == "bfloat16" and not flags & {"avx512_bf16", "amx_bf16"}:
-        return Availability.no("needs CUDA or a CPU with AVX512-BF16/AMX-BF16; this CPU emulates bf16")
-    if dtype == "float16" and not flags & {"avx512_fp16", "amx_fp16"}:
-        return Availability.no("needs CUDA or a CPU with AVX512-FP16/AMX-FP16; this CPU emulates fp16")
-    return Availability.yes()
+    attn: Literal["sdpa", "eager"] = Field("sdpa", description="attention implementation")
 
 
 class TokenTimer:
@@ -152,23 +118,6 @@ def cache_bytes(cache) -> int:
     return total
 
 
-def kv_fp16_analytic_bytes(config, tokens: int) -> int:
-    """The size an fp16 KV cache of ``tokens`` cached positions would have, in bytes:
-    ``2 (K and V) x layers x kv_heads x head_dim x tokens x 2 bytes`` (the standard KV-cache size
-    formula, e.g. Pope et al. 2022, "Efficiently Scaling Transformer Inference", section 2).
-
-    Args:
-        config: a transformers model config (its text config is used); ``head_dim`` defaults to
-            ``hidden_size // num_attention_heads``, ``num_key_value_heads`` to the head count.
-        tokens: cached positions summed over the batch (``batch x sequence length``).
-    """
-    config = config.get_text_config(decoder=True)
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * tokens * 2
-
-
 def cache_tokens(cache, batch: int) -> int:
     """Cached positions in ``cache`` summed over the batch (padding included: it is stored)."""
     return int(cache.get_seq_length()) * batch
@@ -177,8 +126,7 @@ def cache_tokens(cache, batch: int) -> int:
 class TransformersBackend(Backend):
     """Hugging Face transformers, unquantized: the baseline every other row is compared with.
 
-    Options (``--backend-option key=value``): ``attn`` (``sdpa`` default, ``eager``), ``threads``
-    (torch intra-op threads; default: torch's own, i.e. the physical cores).
+    Options: ``TransformersOptions`` (``attn``) and the shared ``device`` / ``threads`` / ``seed``.
     """
 
     name = "hf"
@@ -188,13 +136,13 @@ class TransformersBackend(Backend):
         "fp16": "transformers, fp16 weights and compute",
     }
     default_variants = ("fp32", "bf16", "fp16")
+    Options = TransformersOptions
     _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
-    def __init__(self, variant: str, options: dict[str, Any] | None = None):
+    def __init__(self, variant: str, options=None):
         super().__init__(variant, options)
         self.model = None
-        self.spec: ModelSpec | None = None
-        self.device = self.options.get("device") or default_device()
+        self.device = default_device() if self.options.device == "auto" else self.options.device
 
     # --- what subclasses vary -------------------------------------------------------------
     @classmethod
@@ -207,11 +155,8 @@ class TransformersBackend(Backend):
 
     def torch_load_options(self) -> TorchLoadOptions:
         """How to build the model (dtype, device, attention, quantization config)."""
-        return TorchLoadOptions(
-            dtype=self.compute_dtype,
-            device=self.device,
-            attn_implementation=self.options.get("attn", "sdpa"),
-        )
+        return TorchLoadOptions(dtype=self.compute_dtype, device=self.device,
+                                attn_implementation=self.options.attn)
 
     def generation_kwargs(self) -> dict[str, Any]:
         """Extra ``model.generate`` arguments."""
@@ -234,21 +179,17 @@ class TransformersBackend(Backend):
         return 0
 
     # --- the contract -----------------------------------------------------------------------
-    def load(self, model: ModelSpec) -> LoadReport:
+    def _load(self, model: ModelSpec, directory: Path) -> LoadedModel:
         import torch
 
-        if "threads" in self.options:
-            torch.set_num_threads(int(self.options["threads"]))
-        directory = checkpoint_dir(model)  # one-time GGUF conversion / random init is cached
-        ready = time.perf_counter()
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise BackendError(f"{self.label}: device=cuda but torch sees no CUDA device")
+        torch.set_num_threads(self.threads)
         try:
             self.model = load_causal_lm(model, self.torch_load_options())
-        except (OSError, ValueError, RuntimeError, ImportError) as exc:
+        except (OSError, ValueError, RuntimeError, ImportError, ModelError) as exc:
             raise BackendError(f"{self.label}: cannot load {model.name}: {exc}") from exc
-        self.spec = model
-        finished = time.perf_counter()
-        extra = {"checkpoint_prepare_s": prepare_seconds(directory)}
-        return LoadReport(finished - ready, self.weight_bytes(), extra)
+        return LoadedModel(self.weight_bytes())
 
     def weight_bytes(self) -> int:
         return module_weight_bytes(self.model) + self.extra_weight_bytes()
@@ -258,42 +199,13 @@ class TransformersBackend(Backend):
 
         return torch.cuda.synchronize if self.device == "cuda" else None
 
-    def _pad_batch(self, prompt_token_ids: Sequence[Sequence[int]]):
-        """Left-padded ``input_ids`` and ``attention_mask`` torch tensors ``[batch, n]`` on the device."""
+    def _generate(self, request: GenerationRequest) -> GenerationOutput:
         import torch
 
-        ids, mask = left_pad(prompt_token_ids, self.pad_token_id)
-        return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
-
-    @property
-    def pad_token_id(self) -> int:
-        config = self.model.generation_config
-        pad = config.pad_token_id if config.pad_token_id is not None else self.model.config.pad_token_id
-        if pad is None:
-            pad = self.eos_token_ids[0]
-        return int(pad)
-
-    @property
-    def eos_token_ids(self) -> list[int]:
-        eos = self.model.generation_config.eos_token_id
-        if eos is None:
-            eos = self.model.config.eos_token_id
-        return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
-
-    def generate(
-        self,
-        prompt_token_ids: Sequence[Sequence[int]],
-        max_new_tokens: int,
-        *,
-        min_new_tokens: int | None = None,
-        stop_token_ids: Sequence[int] = (),
-    ) -> GenerationOutput:
-        import torch
-
-        if self.model is None:
-            raise BackendError(f"{self.label}: generate() before load()")
-        input_ids, attention_mask = self._pad_batch(prompt_token_ids)
-        stop_ids = stop_token_set(self.eos_token_ids, stop_token_ids)
+        ids, mask = left_pad(request.prompt_token_ids, self.special.pad_id)
+        input_ids = torch.from_numpy(ids).to(self.device)
+        attention_mask = torch.from_numpy(mask).to(self.device)
+        stop_ids = stop_token_set(self.special.eos_ids, request.stop_token_ids)
         cache = self.new_cache()
         extra: dict[str, Any] = {}
         batch = input_ids.shape[0]
@@ -308,14 +220,14 @@ class TransformersBackend(Backend):
             output = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                max_new_tokens=max_new_tokens,
-                min_new_tokens=min_new_tokens or 0,
+                max_new_tokens=request.max_new_tokens,
+                min_new_tokens=request.min_new_tokens,
                 do_sample=False,
                 temperature=None,
                 top_p=None,
                 top_k=None,
                 eos_token_id=stop_ids,
-                pad_token_id=self.pad_token_id,
+                pad_token_id=self.special.pad_id,
                 streamer=timer,
                 past_key_values=cache,
                 return_dict_in_generate=True,
@@ -332,28 +244,15 @@ class TransformersBackend(Backend):
             [trim_at_stop(row, stops) for row in new_tokens], start, timer.step_times_s, extra
         )
 
-    def forward_logprobs(self, token_ids: Sequence[int], first_scored: int) -> np.ndarray:
-        """Log-probabilities of ``token_ids[first_scored:]`` from one forward pass over the window.
-
-        Returns:
-            float64 array ``[len(token_ids) - first_scored]``.
-        """
+    def _score(self, window: ScoringWindow) -> np.ndarray:
+        """One forward pass over the window (no cache); float64 ``[window.n_scored]``."""
         import torch
 
-        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
+        ids = torch.tensor([list(window.token_ids)], dtype=torch.long, device=self.device)
+        first = window.first_scored
         with torch.inference_mode():
-            logits = self.model(input_ids=ids, use_cache=False).logits[0, first_scored - 1 : -1]
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-            picked = logprobs.gather(-1, ids[0, first_scored:].unsqueeze(-1)).squeeze(-1)
-        return picked.double().cpu().numpy()
-
-    def loglikelihood(self, windows: Sequence[ScoringWindow]) -> list[np.ndarray]:
-        if self.model is None:
-            raise BackendError(f"{self.label}: loglikelihood() before load()")
-        return [
-            self.forward_logprobs(w.token_ids, w.first_scored) if w.n_scored else np.zeros(0)
-            for w in windows
-        ]
+            logits = self.model(input_ids=ids, use_cache=False).logits[0, first - 1 : -1]
+        return target_logprobs(logits.float().cpu().numpy(), np.asarray(window.token_ids[first:]))
 
     def info(self) -> dict[str, Any]:
         import torch
@@ -372,6 +271,7 @@ class TransformersBackend(Backend):
         }
 
     def close(self) -> None:
+        super().close()
         self.model = None
         if self.device == "cuda":
             import torch

@@ -9,19 +9,27 @@ block scales. bitsandbytes >= 0.48 ships CPU kernels, so every variant runs on C
 from __future__ import annotations
 
 import importlib.util
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field
 
 from backends.base import Availability
-from backends.hf.backend import TransformersBackend, default_device
+from backends.hf.backend import TransformersBackend, TransformersOptions
 from backends.models import TorchLoadOptions
+
+
+class BitsAndBytesOptions(TransformersOptions):
+    """``bnb`` options: the transformers ones plus the 4-bit matmul compute dtype."""
+
+    compute_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        None, description="dtype of the 4-bit matmuls; default float16 on CUDA, float32 on CPU")
 
 
 class BitsAndBytesBackend(TransformersBackend):
     """transformers + bitsandbytes quantized linear layers (embeddings and lm_head stay unquantized,
     as transformers' bitsandbytes integration does).
 
-    Options: ``compute_dtype`` for the 4-bit matmuls (default fp16 on CUDA, fp32 on CPU), plus the
-    ``TransformersBackend`` options.
+    Options: ``BitsAndBytesOptions``.
     """
 
     name = "bnb"
@@ -32,6 +40,7 @@ class BitsAndBytesBackend(TransformersBackend):
         "nf4-dq": "bitsandbytes NF4 with double-quantized block scales",
     }
     default_variants = ("int8", "nf4", "fp4", "nf4-dq")
+    Options = BitsAndBytesOptions
 
     @classmethod
     def availability(cls, variant: str) -> Availability:
@@ -41,8 +50,7 @@ class BitsAndBytesBackend(TransformersBackend):
 
     @property
     def compute_dtype(self) -> str:
-        default = "float16" if self.device == "cuda" else "float32"
-        return self.options.get("compute_dtype", default)
+        return self.options.compute_dtype or ("float16" if self.device == "cuda" else "float32")
 
     def quantization_config(self):
         import torch

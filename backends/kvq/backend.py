@@ -4,8 +4,8 @@ Weights stay unquantized in the model's compute dtype; only the keys and values 
 layers cache are stored at reduced precision. Attention is FlashAttention-2 where CUDA and
 ``flash-attn`` are present, SDPA otherwise; the implementation used, and why, is in ``info()``.
 
-Measurements this backend puts in ``GenerationOutput.extra`` (bytes are plain ints; the first four
-come from the shared ``TransformersBackend.generate`` and are produced by every transformers
+Measurements this backend puts in ``GenerationOutput.extra`` (bytes are plain ints; the first five
+come from the shared ``TransformersBackend._generate`` and are produced by every transformers
 backend):
 
 * ``kv_cache_bytes``: bytes the cache holds at the end of generation: sum of the storage of every
@@ -27,16 +27,19 @@ CPU (CPUs without AVX512-FP16 emulate fp16, so its timings would measure the emu
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field, field_validator, model_validator
 
-from backends.base import Availability, BackendError, GenerationOutput, ScoringWindow, check_token_ids
-from backends.hf.backend import TransformersBackend, cuda_available, default_device
-from backends.models import TorchLoadOptions
+from backends.base import (Availability, BackendError, GenerationOutput, GenerationRequest, LoadedModel,
+                           ScoringWindow)
+from backends.device import cuda_available
+from backends.hf.backend import TransformersBackend, TransformersOptions
+from backends.models import ModelSpec, TorchLoadOptions
 
 _BITS = {"int8": 8, "int4": 4, "int2": 2}
-ATTN_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager")
 
 
 def _installed(module: str) -> bool:
@@ -57,24 +60,46 @@ def flash_attention_missing() -> str | None:
     return "; ".join(reasons) or None
 
 
+class KVQuantOptions(TransformersOptions):
+    """``kvq`` options (all recorded in ``info()``)."""
+
+    attn: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
+        "auto", description="attention; auto = flash_attention_2 with CUDA + flash-attn, else sdpa")
+    quant_backend: Literal["quanto", "hqq"] = Field("quanto", description="KV quantizer library")
+    q_group_size: int | None = Field(
+        None, ge=1, description="elements per quantization group; default min(64, head_dim); must divide head_dim")
+    residual_length: int = Field(128, ge=1, description="recent tokens kept in full precision")
+    axis_key: int = Field(0, ge=0, le=1, description="quantization axis of keys (0: per-token groups)")
+    axis_value: int = Field(0, ge=0, le=1, description="quantization axis of values (0: per-token groups)")
+    hybrid_n: int = Field(2, ge=0, description="kvq:hybrid keeps the first and last N layers unquantized")
+    hybrid_first: int | None = Field(None, ge=0, description="kvq:hybrid unquantized leading layers (default hybrid_n)")
+    hybrid_last: int | None = Field(None, ge=0, description="kvq:hybrid unquantized trailing layers (default hybrid_n)")
+    hybrid_bits: int = Field(2, description="precision of kvq:hybrid's middle layers: 2, 4 or 8")
+    score_chunk: int | None = Field(
+        None, ge=1, description="tokens per forward when scoring through the cache; default "
+        "min(32, residual_length), at most residual_length")
+    compute_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        None, description="model dtype; default float16 on CUDA, float32 on CPU")
+
+    @field_validator("hybrid_bits")
+    @classmethod
+    def _supported_bits(cls, value: int) -> int:
+        if value not in (2, 4, 8):
+            raise ValueError("must be 2, 4 or 8")
+        return value
+
+    @model_validator(mode="after")
+    def _chunk_within_residual(self):
+        if self.score_chunk is not None and self.score_chunk > self.residual_length:
+            raise ValueError(f"score_chunk ({self.score_chunk}) must not exceed residual_length "
+                             f"({self.residual_length}), or scored tokens would skip the quantized store")
+        return self
+
+
 class KVQuantBackend(TransformersBackend):
     """transformers with a quantized / layer-wise hybrid KV cache (unquantized weights).
 
-    Options (``--backend-option key=value``), all recorded in ``info()``:
-        attn: ``auto`` (default: ``flash_attention_2`` when CUDA + flash-attn, else ``sdpa``),
-            ``flash_attention_2``, ``sdpa`` or ``eager``.
-        quant_backend: ``quanto`` (default, optimum-quanto) or ``hqq`` (where installed).
-        q_group_size: elements per quantization group (default ``min(64, head_dim)``; must divide
-            ``head_dim``).
-        residual_length: recent tokens kept in full precision (default 128).
-        axis_key, axis_value: quantization axes (default 0: per-token groups along head_dim).
-        hybrid_n: ``kvq:hybrid`` keeps the first and last N layers unquantized (default 2);
-            ``hybrid_first`` / ``hybrid_last`` set the two ends separately.
-        hybrid_bits: precision of the middle layers of ``kvq:hybrid`` (2, 4 or 8; default 2).
-        score_chunk: tokens per forward when scoring through the cache (default
-            ``min(32, residual_length)``; at most ``residual_length``; 1 = token by token).
-        compute_dtype: model dtype (default fp16 on CUDA, fp32 on CPU), plus the
-            ``TransformersBackend`` options (``threads``, ``device``).
+    Options: ``KVQuantOptions`` (``python -m harness list --options kvq``).
 
     Raises (construction):
         BackendError: a malformed option, FlashAttention-2 asked for where it cannot run, or a
@@ -91,49 +116,24 @@ class KVQuantBackend(TransformersBackend):
         "fp16-sdpa": "the kvq:fp16 reference forced to SDPA, to compare with FlashAttention-2",
     }
     default_variants = ("fp16", "int8", "int4", "int2", "hybrid", "fp16-sdpa")
+    Options = KVQuantOptions
 
-    def __init__(self, variant: str, options: dict[str, Any] | None = None):
+    def __init__(self, variant: str, options=None):
         super().__init__(variant, options)
+        o = self.options
         self.attn_implementation, self.attn_reason = self._choose_attention()
-        self.quant_backend = str(self.options.get("quant_backend", "quanto"))
-        if self.quant_backend not in ("quanto", "hqq"):
-            raise BackendError(f"{self.label}: quant_backend must be quanto or hqq, got {self.quant_backend!r}")
-        if self.quantized and self.quant_backend == "hqq" and not _installed("hqq"):
-            raise BackendError(f"{self.label}: quant_backend=hqq needs the hqq package: pip install hqq")
-        self.residual_length = self._int_option("residual_length", 128, minimum=1)
-        self.axis_key = self._int_option("axis_key", 0)
-        self.axis_value = self._int_option("axis_value", 0)
-        n = self._int_option("hybrid_n", 2, minimum=0)
-        self.hybrid_first = self._int_option("hybrid_first", n, minimum=0)
-        self.hybrid_last = self._int_option("hybrid_last", n, minimum=0)
-        self.hybrid_bits = self._int_option("hybrid_bits", 2)
-        if self.hybrid_bits not in (2, 4, 8):
-            raise BackendError(f"{self.label}: hybrid_bits must be 2, 4 or 8, got {self.hybrid_bits}")
-        self.score_chunk = self._int_option("score_chunk", min(32, self.residual_length), minimum=1)
-        if self.quantized and self.score_chunk > self.residual_length:
-            raise BackendError(
-                f"{self.label}: score_chunk ({self.score_chunk}) must not exceed residual_length "
-                f"({self.residual_length}), or scored tokens would skip the quantized store"
-            )
-        self._group_option = self.options.get("q_group_size")
-        self.q_group_size: int | None = None  # resolved against head_dim in load()
+        self.hybrid_first = o.hybrid_n if o.hybrid_first is None else o.hybrid_first
+        self.hybrid_last = o.hybrid_n if o.hybrid_last is None else o.hybrid_last
+        self.score_chunk = o.score_chunk or min(32, o.residual_length)
+        self.q_group_size: int | None = None  # resolved against head_dim in _load()
 
-    # --- options ------------------------------------------------------------------------------
-    def _int_option(self, key: str, default: int, minimum: int | None = None) -> int:
-        value = self.options.get(key, default)
-        try:
-            number = int(value)
-        except (TypeError, ValueError):
-            raise BackendError(f"{self.label}: option {key} must be an integer, got {value!r}") from None
-        if minimum is not None and number < minimum:
-            raise BackendError(f"{self.label}: option {key} must be >= {minimum}, got {number}")
-        return number
+    def check_options(self) -> None:
+        if self.quantized and self.options.quant_backend == "hqq" and not _installed("hqq"):
+            raise BackendError(f"{self.label}: quant_backend=hqq needs the hqq package: pip install hqq")
 
     def _choose_attention(self) -> tuple[str, str]:
         """The attention implementation to load with, and the reason it was chosen."""
-        asked = str(self.options.get("attn", "auto"))
-        if asked not in ATTN_CHOICES:
-            raise BackendError(f"{self.label}: attn must be one of {', '.join(ATTN_CHOICES)}, got {asked!r}")
+        asked = self.options.attn
         missing = flash_attention_missing()
         if self.variant == "fp16-sdpa":
             return "sdpa", "forced by the fp16-sdpa variant (comparison with FlashAttention-2)"
@@ -165,30 +165,25 @@ class KVQuantBackend(TransformersBackend):
 
     @property
     def compute_dtype(self) -> str:
-        default = "float16" if self.device == "cuda" else "float32"
-        return str(self.options.get("compute_dtype", default))
+        return self.options.compute_dtype or ("float16" if self.device == "cuda" else "float32")
 
     def torch_load_options(self) -> TorchLoadOptions:
         options = super().torch_load_options()
         options.attn_implementation = self.attn_implementation
         return options
 
-    def load(self, model):
-        report = super().load(model)
+    def _load(self, model: ModelSpec, directory: Path) -> LoadedModel:
+        loaded = super()._load(model, directory)
         text_config = self.model.config.get_text_config(decoder=True)
         head_dim = getattr(text_config, "head_dim", None) or (
             text_config.hidden_size // text_config.num_attention_heads
         )
-        group = self._group_option if self._group_option is not None else min(64, head_dim)
-        try:
-            group = int(group)
-        except (TypeError, ValueError):
-            raise BackendError(f"{self.label}: option q_group_size must be an integer, got {group!r}") from None
-        if group < 1 or head_dim % group:
+        group = self.options.q_group_size or min(64, head_dim)
+        if head_dim % group:
             self.close()
             raise BackendError(f"{self.label}: q_group_size {group} must divide head_dim {head_dim}")
         self.q_group_size = group
-        return report
+        return loaded
 
     def quant_config(self, nbits: int):
         """The ``KVQuantConfig`` of this backend's quantized layers at ``nbits`` bits."""
@@ -196,11 +191,11 @@ class KVQuantBackend(TransformersBackend):
 
         return KVQuantConfig(
             nbits=nbits,
-            backend=self.quant_backend,
+            backend=self.options.quant_backend,
             q_group_size=self.q_group_size,
-            residual_length=self.residual_length,
-            axis_key=self.axis_key,
-            axis_value=self.axis_value,
+            residual_length=self.options.residual_length,
+            axis_key=self.options.axis_key,
+            axis_value=self.options.axis_value,
         )
 
     def full_precision_layers(self) -> list[int]:
@@ -229,23 +224,14 @@ class KVQuantBackend(TransformersBackend):
         try:
             if self.variant == "hybrid":
                 return HybridPrecisionCache(
-                    self.model.config, self.full_precision_layers(), self.quant_config(self.hybrid_bits)
+                    self.model.config, self.full_precision_layers(), self.quant_config(self.options.hybrid_bits)
                 )
             return uniform_quantized_cache(self.model.config, self.quant_config(_BITS[self.variant]))
         except (ValueError, ImportError) as exc:
             raise BackendError(f"{self.label}: cannot build the KV cache: {exc}") from None
 
-    def generate(
-        self,
-        prompt_token_ids: Sequence[Sequence[int]],
-        max_new_tokens: int,
-        *,
-        min_new_tokens: int | None = None,
-        stop_token_ids: Sequence[int] = (),
-    ) -> GenerationOutput:
-        out = super().generate(
-            prompt_token_ids, max_new_tokens, min_new_tokens=min_new_tokens, stop_token_ids=stop_token_ids
-        )
+    def _generate(self, request: GenerationRequest) -> GenerationOutput:
+        out = super()._generate(request)
         tokens = out.extra.get("kv_cache_tokens") or 0
         if tokens:
             out.extra["kv_cache_bytes_per_token"] = out.extra["kv_cache_bytes"] / tokens
@@ -254,33 +240,15 @@ class KVQuantBackend(TransformersBackend):
             )
         return out
 
-    def loglikelihood(self, windows: Sequence[ScoringWindow]) -> list[np.ndarray]:
-        """Per-token log-probabilities scored through this variant's KV cache: the window's
-        context is prefilled through a fresh cache, then the rest is fed in chunks of at most
-        ``score_chunk`` tokens (see ``backends.kvq.scoring``), so every scored token attends to
-        keys and values that went through the cache. Returns float64 ``[window.n_scored]`` each.
-
-        Raises:
-            BackendError: called before ``load()``, or a token id outside the vocabulary.
-        """
+    def _score(self, window: ScoringWindow) -> np.ndarray:
+        """Log-probabilities scored through this variant's KV cache: the window's context is
+        prefilled through a fresh cache, then the rest is fed in chunks of at most ``score_chunk``
+        tokens (see ``backends.kvq.scoring``), so every scored token attends to keys and values
+        that went through the cache. float64 ``[window.n_scored]``."""
         from backends.kvq.scoring import cached_logprobs
 
-        if self.model is None:
-            raise BackendError(f"{self.label}: loglikelihood() before load()")
-        vocab = self.model.config.get_text_config(decoder=True).vocab_size
-        results = []
-        for window in windows:
-            check_token_ids(self.label, window.token_ids, vocab)
-            if window.n_scored == 0:
-                results.append(np.zeros(0))
-                continue
-            results.append(
-                cached_logprobs(
-                    self.model, self.new_cache(), window.token_ids, window.first_scored,
-                    self.score_chunk, self.device,
-                )
-            )
-        return results
+        return cached_logprobs(self.model, self.new_cache(), window.token_ids, window.first_scored,
+                               self.score_chunk, self.device)
 
     def quantization_info(self) -> dict[str, Any]:
         return {"format": self.compute_dtype, "weights": "unquantized", "kv_cache": self.variant}
@@ -301,19 +269,19 @@ class KVQuantBackend(TransformersBackend):
             kv["type"] = "DynamicCache"
             kv["note"] = "the unquantized cache in the model dtype (fp32 on CPU, fp16 on CUDA)"
         else:
-            bits = self.hybrid_bits if self.variant == "hybrid" else _BITS[self.variant]
+            bits = self.options.hybrid_bits if self.variant == "hybrid" else _BITS[self.variant]
             kv["type"] = "HybridPrecisionCache" if self.variant == "hybrid" or bits == 8 else "QuantizedCache"
             kv["quantization"] = {
                 "nbits": bits,
-                "backend": self.quant_backend,
+                "backend": self.options.quant_backend,
                 "q_group_size": self.q_group_size,
-                "residual_length": self.residual_length,
-                "axis_key": self.axis_key,
-                "axis_value": self.axis_value,
+                "residual_length": self.options.residual_length,
+                "axis_key": self.options.axis_key,
+                "axis_value": self.options.axis_value,
             }
             if self.variant == "hybrid" and self.model is not None:
                 kv["full_precision_layers"] = self.full_precision_layers()
-        if self.quant_backend == "quanto" and _installed("optimum.quanto"):
+        if self.options.quant_backend == "quanto" and _installed("optimum.quanto"):
             from importlib.metadata import version
 
             info["library"]["optimum-quanto"] = version("optimum-quanto")

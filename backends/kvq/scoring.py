@@ -21,6 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
+from backends.scoring import target_logprobs
+
 
 def cached_logprobs(model, cache, token_ids: Sequence[int], first_scored: int, chunk: int, device: str) -> np.ndarray:
     """Log-probabilities of ``token_ids[first_scored:]`` computed through ``cache``.
@@ -64,6 +66,5 @@ def cached_logprobs(model, cache, token_ids: Sequence[int], first_scored: int, c
             # logits at positions start..stop-1 predict tokens start+1..stop; keep the scored ones
             logits = out.logits[0, max(start, first_scored - 1) - start :]
             targets = ids[0, max(start, first_scored - 1) + 1 : stop + 1]
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-            pieces.append(logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1))
-    return torch.cat(pieces).double().cpu().numpy()
+            pieces.append(target_logprobs(logits.float().cpu().numpy(), targets.cpu().numpy()))
+    return np.concatenate(pieces)

@@ -12,15 +12,20 @@ import importlib.util
 import json
 import os
 import time
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 
-from backends.base import (Availability, Backend, BackendError, GenerationOutput, LoadReport, ScoringWindow,
-                           check_prompts, check_token_ids, stop_token_set)
-from backends.hf.backend import cpu_flags
-from backends.models import ModelError, ModelSpec, checkpoint_dir, prepare_seconds
+from backends.base import (Availability, Backend, BackendError, GenerationOutput, GenerationRequest, LoadedModel,
+                           Preparation, ScoringWindow)
+from backends.device import cpu_flags
+from backends.kv import kv_bytes_per_token
+from backends.models import ModelSpec
 from backends.mlc.quant import CPU_COLUMN_TILE, MODES
+from backends.options import BackendOptions
+from backends.tokens import stop_token_set
 
 
 def tvm_default_device() -> str:
@@ -33,20 +38,35 @@ def tvm_default_device() -> str:
     return "cuda" if tvm.cuda(0).exist else "cpu"
 
 
-_INT_OPTIONS = ("context_window", "prefill_chunk", "sliding_window", "attention_sink", "max_batch")
+class MLCOptions(BackendOptions):
+    """``mlc`` options; ``threads`` is TVM's thread pool (``TVM_NUM_THREADS``), fixed for the
+    worker process at its first load. The KV-cache fields are ``runtime.KVOptions``."""
+
+    context_window: int = Field(2048, ge=0, description="most tokens one sequence may hold (0 = model max)")
+    prefill_chunk: int = Field(1024, ge=1, description="most tokens one prefill call processes")
+    sliding_window: int = Field(0, ge=0, description="keep only the last N tokens' KV per sequence (0 = off)")
+    attention_sink: int = Field(0, ge=0, description="with a sliding window, also keep the first N tokens")
+    max_batch: int = Field(8, ge=1, description="most sequences the paged KV cache is created for")
+    quantize_embedding: bool = Field(True, description="quantize embedding / lm_head as MLC-LLM does "
+                                     "(false: unquantized in the scale dtype)")
+    attention: Literal["fast", "stock"] = Field(
+        "fast", description="CPU attention kernels: fast = this project's, stock = TVM's own (A/B)")
+    cache_dir: str | None = Field(None, description="compiled-artifact cache (default cache_root()/mlc)")
+
+    @model_validator(mode="after")
+    def _sink_within_window(self):
+        if self.attention_sink and not self.sliding_window:
+            raise ValueError("attention_sink needs sliding_window > 0")
+        if self.sliding_window and self.attention_sink >= self.sliding_window:
+            raise ValueError("attention_sink must be smaller than sliding_window")
+        return self
 
 
 class MLCBackend(Backend):
     """TVM-compiled Llama with MLC-LLM group quantization and TVM's paged KV cache.
 
-    Options (``--backend-option key=value``): ``device`` (``cpu``/``cuda``, default CUDA when
-    present), ``threads`` (TVM worker threads, default all cores; must be set before TVM's first
-    parallel call in the process), and the KV-cache settings of ``runtime.KVOptions``:
-    ``context_window``, ``prefill_chunk``, ``sliding_window``, ``attention_sink``,
-    ``max_batch`` (tokens / sequences); ``quantize_embedding`` (``1`` default, as MLC-LLM;
-    ``0`` keeps embedding / lm_head unquantized in the scale dtype); ``attention`` (``fast`` default:
-    this backend's parallel, vectorised CPU attention kernels; ``stock``: TVM's own scalar ones, for
-    A/B comparisons); ``cache_dir`` (compiled-artifact cache, default ``cache_root()/mlc``).
+    Options: ``MLCOptions`` (``python -m harness list --options mlc``); ``device`` auto = CUDA when
+    TVM sees one.
     """
 
     name = "mlc"
@@ -61,34 +81,21 @@ class MLCBackend(Backend):
         "engine": "EXPERIMENTAL: a prebuilt MLC-LLM model directory through mlc_llm.MLCEngine",
     }
     default_variants = ("q0f32", "q4f32_1", "q4f16_1", "q3f16_1", "q8f16_1")
+    Options = MLCOptions
 
-    def __init__(self, variant: str, options: dict[str, Any] | None = None):
+    def __init__(self, variant: str, options=None):
         super().__init__(variant, options)
-        self.device = self.options.get("device") or tvm_default_device()
-        if self.device not in ("cpu", "cuda"):
-            raise BackendError(f"{self.label}: device must be cpu or cuda, got {self.device!r}")
+        self.device = tvm_default_device() if self.options.device == "auto" else self.options.device
         self.mode = MODES.get(variant)
         self.session = None
-        self.spec: ModelSpec | None = None
         self._info: dict[str, Any] = {}
-        self._eos: list[int] = []
-        try:
-            from backends.mlc.runtime import KVOptions
+        self._entry: Path | None = None
+        from backends.mlc.runtime import KVOptions
 
-            values = {k: int(self.options[k]) for k in _INT_OPTIONS if k in self.options}
-            self.kv_options = KVOptions(**values)
-        except (TypeError, ValueError) as exc:
-            raise BackendError(f"{self.label}: bad KV-cache option: {exc}") from None
-        self.attention = str(self.options.get("attention", "fast"))
-        if self.attention not in ("fast", "stock"):
-            raise BackendError(f"{self.label}: attention must be fast or stock, got {self.attention!r}")
-        o = self.kv_options
-        if o.prefill_chunk <= 0 or o.max_batch <= 0:
-            raise BackendError(f"{self.label}: prefill_chunk and max_batch must be positive")
-        if o.attention_sink and not o.sliding_window:
-            raise BackendError(f"{self.label}: attention_sink needs sliding_window > 0")
-        if o.sliding_window and o.attention_sink >= o.sliding_window:
-            raise BackendError(f"{self.label}: attention_sink must be smaller than sliding_window")
+        o = self.options
+        self.kv_options = KVOptions(context_window=o.context_window, prefill_chunk=o.prefill_chunk,
+                                    sliding_window=o.sliding_window, attention_sink=o.attention_sink,
+                                    max_batch=o.max_batch)
 
     @classmethod
     def availability(cls, variant: str) -> Availability:
@@ -106,8 +113,7 @@ class MLCBackend(Backend):
     def embed_mode(self):
         """The embedding / lm_head format: the variant's own (MLC-LLM's choice), or unquantized in
         the scale dtype with option ``quantize_embedding=0``."""
-        flag = str(self.options.get("quantize_embedding", "1")).lower()
-        if flag in ("1", "true", "yes") or not self.mode.quantized:
+        if self.options.quantize_embedding or not self.mode.quantized:
             return self.mode
         return MODES["q0f16" if self.mode.scale_dtype == "float16" else "q0f32"]
 
@@ -119,42 +125,37 @@ class MLCBackend(Backend):
             return "float16"
         return "float32"
 
-    # --- load -----------------------------------------------------------------------------
-    def load(self, model: ModelSpec) -> LoadReport:
-        availability = self.availability(self.variant)
-        if not availability.ok:
-            raise BackendError(f"{self.label}: {availability.reason}")
+    # --- preparation and load ---------------------------------------------------------------
+    def _config(self, directory: Path):
+        from backends.mlc.model import LlamaConfig, UnsupportedModel
+
+        try:
+            return LlamaConfig.from_hf(json.loads((directory / "config.json").read_text()))
+        except UnsupportedModel as exc:
+            raise BackendError(f"{self.label}: {exc}") from None
+
+    def prepare(self, model: ModelSpec, directory: Path) -> Preparation:
+        """Convert + quantize the weights and compile the model once (cached per target)."""
         if self.device == "cuda":
             import tvm
 
             if not tvm.cuda(0).exist:
                 raise BackendError(f"{self.label}: device=cuda but TVM sees no CUDA device")
-        if "threads" in self.options:
-            os.environ["TVM_NUM_THREADS"] = str(int(self.options["threads"]))
-        started = time.perf_counter()
-        try:
-            directory = checkpoint_dir(model)
-        except ModelError as exc:
-            raise BackendError(f"{self.label}: {exc}") from None
+        # TVM sizes its thread pool once per process, at its first parallel call
+        os.environ["TVM_NUM_THREADS"] = str(self.threads)
         from backends.mlc import artifacts
         from backends.mlc.compile import compile_module, make_target, target_key
         from backends.mlc.convert import convert, read_checkpoint
-        from backends.mlc.model import LlamaConfig, UnsupportedModel, build_model, export_spec
-        from backends.mlc.runtime import Session
+        from backends.mlc.model import build_model, export_spec
 
-        config = json.loads((directory / "config.json").read_text())
-        try:
-            cfg = LlamaConfig.from_hf(config)
-        except UnsupportedModel as exc:
-            raise BackendError(f"{self.label}: {exc}") from None
+        cfg = self._config(directory)
         dtype = self.compute_dtype
         embed_mode = self.embed_mode
-        target = make_target(self.device, self.options.get("threads"))
-        fast_attention = self.device == "cpu" and self.attention == "fast"
-        suffix = ("" if embed_mode is self.mode else "-embf") + ("-stockattn" if self.attention == "stock" else "")
-        entry = artifacts.artifact_dir(directory, self.variant + suffix,
-                                       dtype, target_key(target),
-                                       self.options.get("cache_dir"))
+        target = make_target(self.device, self.threads)
+        fast_attention = self.device == "cpu" and self.options.attention == "fast"
+        suffix = ("" if embed_mode is self.mode else "-embf") + ("" if self.options.attention == "fast" else "-stockattn")
+        entry = artifacts.artifact_dir(directory, self.variant + suffix, dtype, target_key(target),
+                                       self.options.cache_dir)
         cached = artifacts.is_complete(entry)
         # CPU kernels read weights in column tiles; dlight's CUDA rules expect plain KN
         tile_width = CPU_COLUMN_TILE if self.device == "cpu" else 0
@@ -174,68 +175,36 @@ class MLCBackend(Backend):
             artifacts.save(entry, executable, params, {
                 "convert_s": convert_s, "compile_s": compile_s, "tvm": tvm.__version__,
                 "target": str(target), "mode": self.variant, "dtype": dtype})
-        library, params, meta = artifacts.load(entry)
-        itemsize = np.dtype(dtype).itemsize
-        kv_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * itemsize
-        self.session = Session(library, params, self.device, self.kv_options, kv_per_token)
-        self.spec, self.cfg = model, cfg
-        self._eos = self._eos_ids(directory, config)
-        weight_bytes = int(sum(p.nbytes for p in params))
-        extra = {
-            "artifact_cache_hit": cached,
-            "convert_s": meta["convert_s"],
-            "compile_s": meta["compile_s"],
-            **artifacts.sizes(entry),
-            "artifact_dir": str(entry),
-            "checkpoint_prepare_s": prepare_seconds(directory),
-        }
+        meta = json.loads((entry / "meta.json").read_text())
+        sizes = artifacts.sizes(entry)
+        self._entry = entry
         self._info = {"target": str(target), "target_key": target_key(target), "artifact_dir": str(entry)}
-        return LoadReport(time.perf_counter() - started, weight_bytes, extra)
+        return Preparation(convert_s=meta["convert_s"], compile_s=meta["compile_s"],
+                           artifact_bytes=sum(sizes.values()), artifact_dir=str(entry), cache_hit=cached)
 
-    @staticmethod
-    def _eos_ids(directory, config: dict[str, Any]) -> list[int]:
-        eos = None
-        gen = directory / "generation_config.json"
-        if gen.is_file():
-            eos = json.loads(gen.read_text()).get("eos_token_id")
-        if eos is None:
-            eos = config.get("eos_token_id")
-        if eos is None:
-            return []
-        return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+    def _load(self, model: ModelSpec, directory: Path) -> LoadedModel:
+        from backends.mlc import artifacts
+        from backends.mlc.runtime import Session
+
+        cfg = self._config(directory)
+        library, params, _ = artifacts.load(self._entry)
+        itemsize = np.dtype(self.compute_dtype).itemsize
+        kv_per_token = kv_bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, itemsize)
+        self.session = Session(library, params, self.device, self.kv_options, kv_per_token)
+        self.cfg = cfg
+        return LoadedModel(int(sum(p.nbytes for p in params)), artifacts.sizes(self._entry))
 
     # --- contract ---------------------------------------------------------------------------
-    def generate(self, prompt_token_ids: Sequence[Sequence[int]], max_new_tokens: int, *,
-                 min_new_tokens: int | None = None, stop_token_ids: Sequence[int] = ()) -> GenerationOutput:
-        if self.session is None:
-            raise BackendError(f"{self.label}: generate() before load()")
-        prompts = [list(map(int, p)) for p in prompt_token_ids]
-        check_prompts(self.label, prompts, self.cfg.vocab_size)
-        if max_new_tokens < 1:
-            raise BackendError(f"{self.label}: max_new_tokens must be >= 1")
-        if len(prompts) > self.kv_options.max_batch:
-            raise BackendError(f"{self.label}: batch {len(prompts)} exceeds max_batch {self.kv_options.max_batch}")
-        stops = set(stop_token_set(self._eos, stop_token_ids))
+    def _generate(self, request: GenerationRequest) -> GenerationOutput:
+        if request.batch > self.kv_options.max_batch:
+            raise BackendError(f"{self.label}: batch {request.batch} exceeds max_batch {self.kv_options.max_batch}")
         try:
-            # like transformers' min_new_tokens, every stop token is suppressed before the minimum
-            tokens, start, steps, extra = self.session.generate(
-                prompts, max_new_tokens, min_new_tokens or 0, stops, sorted(stops))
+            return self.session.generate(request, stop_token_set(self.special.eos_ids, request.stop_token_ids))
         except ValueError as exc:
             raise BackendError(f"{self.label}: {exc}") from None
-        return GenerationOutput(tokens, start, steps, extra)
 
-    def loglikelihood(self, windows: Sequence[ScoringWindow]) -> list[np.ndarray]:
-        if self.session is None:
-            raise BackendError(f"{self.label}: loglikelihood() before load()")
-        results = []
-        for window in windows:
-            if not window.n_scored:
-                results.append(np.zeros(0))
-                continue
-            ids = [int(t) for t in window.token_ids]
-            check_token_ids(self.label, ids, self.cfg.vocab_size)
-            results.append(self.session.score(ids, window.first_scored))
-        return results
+    def _score(self, window: ScoringWindow) -> np.ndarray:
+        return self.session.score(list(window.token_ids), window.first_scored)
 
     def info(self) -> dict[str, Any]:
         import tvm
@@ -250,13 +219,13 @@ class MLCBackend(Backend):
             "backend": self.label,
             "library": {"tvm": tvm.__version__},
             "device": self.device,
-            "threads": int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1)),
+            "threads": self.threads,
             "compute_dtype": self.compute_dtype,
             "compute_note": fp16_note,
             **self._info,
             "attn_implementation": "TVM TIRPagedKVCache (fused-QKV, RoPE in cache); " + (
                 "CPU kernels: quantarena's tiled, parallel, vectorised attention (backends/mlc/attention.py)"
-                if self.device == "cpu" and self.attention == "fast" else
+                if self.device == "cpu" and self.options.attention == "fast" else
                 "TVM's own attention kernels (dlight on CUDA; scalar, single-threaded on CPU)"),
             "kv_cache": {
                 "type": "paged (tvm.relax.frontend.nn.llm.kv_cache.TIRPagedKVCache)",
@@ -280,4 +249,5 @@ class MLCBackend(Backend):
         }
 
     def close(self) -> None:
+        super().close()
         self.session = None

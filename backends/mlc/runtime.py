@@ -8,11 +8,14 @@ sequences' pages.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+
+from backends.base import GenerationOutput, GenerationRequest
+from backends.decoding import greedy_decode
+from backends.scoring import target_logprobs
 
 
 @dataclass(frozen=True)
@@ -182,58 +185,51 @@ class Session:
                 stop = min(start + chunk, n - 1)  # positions start..stop-1 predict start+1..stop
                 logits = self._forward("score", kv, [sid], [stop - start],
                                        self._ids(token_ids[start:stop], (1, -1))).numpy()[0]
-                for lo in range(0, stop - start, 128):
-                    block = logits[lo:lo + 128].astype(np.float64)
-                    block -= block.max(axis=-1, keepdims=True)
-                    lse = np.log(np.exp(block).sum(axis=-1))
-                    pos = np.arange(start + lo, start + lo + len(block))
-                    targets = np.asarray(token_ids, dtype=np.int64)[pos + 1]
-                    picked.append(block[np.arange(len(block)), targets] - lse)
+                picked.append(target_logprobs(logits, np.asarray(token_ids[start + 1:stop + 1])))
         finally:
             self.remove_sequence(kv, sid)
         return np.concatenate(picked)[first_scored - 1:] if picked else np.zeros(0)
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, min_new_tokens: int,
-                 stop_ids: set[int], eos_ids: Sequence[int]):
-        """Batched greedy decoding: a sequence stops after emitting a token of ``stop_ids``; the
-        tokens ``eos_ids`` are masked out while fewer than ``min_new_tokens`` exist. Returns ``(tokens per prompt, start_s, step_times_s, extra)``
-        with ``perf_counter`` stamps taken when each step's tokens are on the host."""
+    def generate(self, request: GenerationRequest, stop_ids: list[int]) -> GenerationOutput:
+        """Batched greedy decoding (``backends.decoding.greedy_decode``) over this cache: one
+        sequence per prompt, added before prefill and removed at the end; finished sequences
+        leave the decode batch. ``extra`` carries the KV bytes after prefill and at the end.
+
+        Raises:
+            ValueError: prompt + ``max_new_tokens`` exceeds ``context_window`` without a sliding window.
+        """
         o = self.kv_options
-        longest = max(len(p) for p in prompts) + max_new_tokens
+        prompts = request.prompt_token_ids
+        longest = request.longest_prompt + request.max_new_tokens
         if o.context_window and longest > o.context_window and not o.sliding_window:
             raise ValueError(f"prompt + max_new_tokens = {longest} exceeds context_window {o.context_window}")
         page = o.page_size
-        kv = self.cache(len(prompts), sum(-(-(len(p) + max_new_tokens) // page) * page for p in prompts))
+        kv = self.cache(len(prompts), sum(-(-(len(p) + request.max_new_tokens) // page) * page for p in prompts))
         ids = list(range(len(prompts)))
         for sid in ids:
             self.add_sequence(kv, sid)
-        out: dict[int, list[int]] = {sid: [] for sid in ids}
-        steps: list[float] = []
         extra: dict[str, int] = {}
-        eos = np.asarray(list(eos_ids), dtype=np.int64)
-        try:
-            start = time.perf_counter()
+
+        def prefill() -> np.ndarray:
             logits = self.prefill(kv, {sid: prompts[sid] for sid in ids})
+            return np.stack([logits[sid] for sid in ids])
+
+        def step(chosen: np.ndarray, live: np.ndarray) -> np.ndarray:
+            rows = self.decode(kv, {sid: int(chosen[sid]) for sid in ids if live[sid]})
+            logits = np.zeros((len(ids), len(next(iter(rows.values())))), dtype=np.float32)
+            for sid, row in rows.items():
+                logits[sid] = row
+            return logits
+
+        def measure_prefill() -> None:
             extra["kv_cache_bytes_prefill"] = self.used_kv_bytes()
-            live = list(ids)
-            while live:
-                step = len(out[live[0]])
-                nxt = {}
-                for sid in live:
-                    row = logits[sid]
-                    if step < min_new_tokens and len(eos):
-                        row = row.copy()
-                        row[eos] = -np.inf
-                    token = int(np.argmax(row))
-                    out[sid].append(token)
-                    nxt[sid] = token
-                steps.append(time.perf_counter())
-                live = [s for s in live if nxt[s] not in stop_ids and len(out[s]) < max_new_tokens]
-                if live:
-                    logits = self.decode(kv, {s: nxt[s] for s in live})
+
+        try:
+            out = greedy_decode(request, stop_ids, prefill, step, measure_prefill)
             extra["kv_cache_bytes"] = self.used_kv_bytes()
             extra["kv_cache_reserved_bytes"] = self.reserved_kv_bytes
         finally:
             for sid in ids:
                 self.remove_sequence(kv, sid)
-        return [out[s] for s in ids], start, steps, extra
+        out.extra = extra
+        return out

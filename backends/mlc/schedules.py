@@ -30,7 +30,7 @@ from backends.mlc.quant import CPU_COLUMN_TILE, column_tile
 def row_tile() -> int:
     """Rows per GEMM register tile: 8 with AVX-512 (8 x 32 floats = 16 of its 32 vector
     registers), else 4 (AVX2 has 16). Divides ``model.ROW_PAD``."""
-    from backends.hf.backend import cpu_flags
+    from backends.device import cpu_flags
 
     return 8 if "avx512f" in cpu_flags() else 4
 

@@ -16,18 +16,22 @@ used (``session.get_providers()[0]``) and why CUDA was not used are recorded in 
 from __future__ import annotations
 
 import importlib.util
-import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
+from pydantic import Field, field_validator
 
-from backends.base import (Availability, Backend, BackendError, GenerationOutput, LoadReport, ScoringWindow,
-                           check_prompts, left_pad, stop_token_set, trim_at_stop)
-from backends.hf.backend import cuda_available
-from backends.models import ModelError, ModelSpec, checkpoint_dir, prepare_seconds
+from backends.base import (Availability, Backend, BackendError, GenerationOutput, GenerationRequest, LoadedModel,
+                           Preparation, ScoringWindow)
+from backends.decoding import greedy_decode
+from backends.device import cuda_available
+from backends.models import ModelSpec
 from backends.onnx import artifacts
 from backends.onnx.quantize import Int4Settings, Int8Settings
+from backends.options import BackendOptions
+from backends.scoring import target_logprobs
+from backends.tokens import left_pad, stop_token_set
 
 # Down projections of the MLP and the first and last decoder layers stay fp32 in the default
 # int8 graph: dynamic INT8 quantizes activations per tensor, and the inputs of down_proj (and of
@@ -36,49 +40,30 @@ from backends.onnx.quantize import Int4Settings, Int8Settings
 DEFAULT_INT8_EXCLUDE_PATTERNS = ("/mlp/down_proj/", "/layers.0/", "/layers.{last}/")
 
 
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
+class OnnxOptions(BackendOptions):
+    """``onnx`` options; ``threads`` is ONNX Runtime's ``intra_op_num_threads`` (inter-op: 1)."""
+
+    int8_per_channel: bool = Field(True, description="int8: one scale per output channel (else per tensor)")
+    int8_reduce_range: bool = Field(False, description="int8: 7-bit weights (CPUs without VNNI)")
+    int8_exclude: str = Field("default", description="int8: MatMuls kept fp32: default (down_proj, first "
+                              "and last layer), none, or ;-separated node-name substrings")
+    int4_block_size: int = Field(32, ge=16, description="int4: input rows per scale (power of two >= 16)")
+    int4_symmetric: bool = Field(True, description="int4: no zero points (rtn only)")
+    int4_algorithm: Literal["rtn", "hqq"] = Field("rtn", description="int4: round-to-nearest or HQQ")
+    int4_accuracy_level: int = Field(0, ge=0, le=4, description="int4: 0 = fp32 activations, 4 = int8 in the kernel")
+
+    @field_validator("int4_block_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError("must be a power of two >= 16")
         return value
-    text = str(value).strip().lower()
-    if text in {"1", "true", "yes", "on"}:
-        return True
-    if text in {"0", "false", "no", "off"}:
-        return False
-    raise BackendError(f"expected a boolean option value, got {value!r}")
-
-
-def log_softmax_pick(logits: np.ndarray, targets: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """``log softmax(logits)[i, targets[i]]`` for every row, in float64, ``chunk`` rows at a time.
-
-    Args:
-        logits: ``[n, vocab]`` float32.
-        targets: ``[n]`` int token ids.
-
-    Returns:
-        float64 ``[n]`` natural-log probabilities.
-    """
-    out = np.empty(len(targets), dtype=np.float64)
-    for start in range(0, len(targets), chunk):
-        block = logits[start : start + chunk].astype(np.float64)
-        peak = block.max(axis=-1, keepdims=True)
-        lse = np.log(np.exp(block - peak).sum(axis=-1)) + peak[:, 0]
-        out[start : start + chunk] = block[np.arange(len(block)), targets[start : start + chunk]] - lse
-    return out
 
 
 class OnnxRuntimeBackend(Backend):
     """ONNX Runtime over the optimum export of a ``*ForCausalLM`` (decoder with past key values).
 
-    Options (``--backend-option key=value``):
-        ``threads``: ``intra_op_num_threads`` (default ``torch.get_num_threads()``, what the torch
-            backends use; inter-op threads are 1, sequential execution).
-        ``device``: ``cpu`` or ``cuda`` (default: ``cuda`` when visible and onnxruntime-gpu is
-            installed).
-        ``int8_per_channel`` (default true), ``int8_exclude`` (``default``, ``none``, or a
-            ``;``-separated list of node-name substrings kept fp32).
-        ``int4_block_size`` (default 32), ``int4_symmetric`` (default true),
-            ``int4_algorithm`` (``rtn`` default, ``hqq``), ``int4_accuracy_level`` (default 0: fp32
-            activations).
+    Options: ``OnnxOptions`` (``python -m harness list --options onnx``).
     """
 
     name = "onnx"
@@ -88,13 +73,12 @@ class OnnxRuntimeBackend(Backend):
         "int4": "ONNX Runtime MatMulNBits 4-bit block-wise weight-only (RTN, symmetric, block 32)",
     }
     default_variants = ("fp32", "int8", "int4")
+    Options = OnnxOptions
 
-    def __init__(self, variant: str, options: dict[str, Any] | None = None):
+    def __init__(self, variant: str, options=None):
         super().__init__(variant, options)
         self.session = None
-        self.spec: ModelSpec | None = None
         self.artifact: artifacts.Artifact | None = None
-        self.threads: int | None = None
         self.provider_note: str | None = None
         self._layout: dict[str, Any] = {}
 
@@ -118,12 +102,14 @@ class OnnxRuntimeBackend(Backend):
 
     def _providers(self) -> list[str]:
         """The execution providers to ask for, best first; sets ``provider_note`` when CUDA is
-        not used and why."""
+        not used and why.
+
+        Raises:
+            BackendError: ``device=cuda`` where the CUDA provider cannot run.
+        """
         import onnxruntime as ort
 
-        wanted = self.options.get("device")
-        if wanted not in (None, "cpu", "cuda"):
-            raise BackendError(f"{self.label}: device must be cpu or cuda, got {wanted!r}")
+        wanted = self.options.device
         has_cuda_ep = "CUDAExecutionProvider" in ort.get_available_providers()
         visible = cuda_available() if wanted != "cpu" else False
         if wanted == "cpu":
@@ -145,34 +131,21 @@ class OnnxRuntimeBackend(Backend):
     def int8_settings(self, n_layers: int) -> Int8Settings:
         """The int8 settings from the options (defaults: per-channel, down_proj and the first and
         last layers fp32)."""
-        choice = str(self.options.get("int8_exclude", "default"))
+        choice = self.options.int8_exclude
         if choice == "default":
             patterns = tuple(p.replace("{last}", str(n_layers - 1)) for p in DEFAULT_INT8_EXCLUDE_PATTERNS)
         elif choice == "none":
             patterns = ()
         else:
             patterns = tuple(p for p in choice.split(";") if p)
-        return Int8Settings(
-            per_channel=_bool(self.options.get("int8_per_channel", True)),
-            reduce_range=_bool(self.options.get("int8_reduce_range", False)),
-            exclude=patterns,
-        )
+        return Int8Settings(per_channel=self.options.int8_per_channel,
+                            reduce_range=self.options.int8_reduce_range, exclude=patterns)
 
     def int4_settings(self) -> Int4Settings:
-        """The int4 settings from the options (defaults: RTN, symmetric, block 32, fp32 activations).
-
-        Raises:
-            BackendError: a non-integer or out-of-range option.
-        """
-        try:
-            return Int4Settings(
-                block_size=int(self.options.get("int4_block_size", 32)),
-                symmetric=_bool(self.options.get("int4_symmetric", True)),
-                accuracy_level=int(self.options.get("int4_accuracy_level", 0)),
-                algorithm=str(self.options.get("int4_algorithm", "rtn")),
-            )
-        except ValueError as exc:
-            raise BackendError(f"{self.label}: bad int4 option: {exc}") from None
+        """The int4 settings from the options (defaults: RTN, symmetric, block 32, fp32 activations)."""
+        o = self.options
+        return Int4Settings(block_size=o.int4_block_size, symmetric=o.int4_symmetric,
+                            accuracy_level=o.int4_accuracy_level, algorithm=o.int4_algorithm)
 
     def settings(self, n_layers: int) -> dict[str, Any]:
         """Every option that changes the graph for this variant (part of the cache key)."""
@@ -255,25 +228,20 @@ class OnnxRuntimeBackend(Backend):
         )
 
     # --- the contract ------------------------------------------------------------------------
-    def load(self, model: ModelSpec) -> LoadReport:
+    def prepare(self, model: ModelSpec, directory: Path) -> Preparation:
+        """Export (and quantize) once into the artifact cache; the device is checked first."""
+        self.spec = model
+        self._providers()  # a device the machine cannot give fails before any export
+        self.artifact = self._artifact(directory)
+        manifest = self.artifact.manifest
+        return Preparation(export_s=manifest["export_s"], quantize_s=manifest["quantize_s"],
+                           artifact_bytes=int(manifest["artifact_bytes"]),
+                           artifact_dir=str(self.artifact.directory), cache_hit=self.artifact.cache_hit)
+
+    def _load(self, model: ModelSpec, directory: Path) -> LoadedModel:
         import onnxruntime as ort
 
-        availability = self.availability(self.variant)
-        if not availability.ok:
-            raise BackendError(f"{self.label}: {availability.reason}")
-        started = time.perf_counter()
-        try:
-            directory = checkpoint_dir(model)
-        except ModelError as exc:
-            raise BackendError(f"{self.label}: {exc}") from None
-        self.spec = model
-        resolved = time.perf_counter()
-        # Options are checked before any export or quantization starts.
         providers = self._providers()
-        self.threads = self._thread_count()
-        self.settings(self._n_layers(directory))
-        self.artifact = self._artifact(directory)
-        built = time.perf_counter()
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
@@ -289,76 +257,27 @@ class OnnxRuntimeBackend(Backend):
         if providers[0] == "CUDAExecutionProvider" and self.provider != "CUDAExecutionProvider":
             # onnxruntime falls back silently when the CUDA provider cannot start (cuDNN, driver).
             self.provider_note = f"CUDAExecutionProvider failed to initialise; ran on {self.provider}"
-        self._layout = self._read_layout(directory)
-        finished = time.perf_counter()
+        self._layout = self._read_layout()
         manifest = self.artifact.manifest
-        extra = {
-            "export_s": manifest["export_s"],
-            "quantize_s": manifest["quantize_s"],
-            "artifact_bytes": manifest["artifact_bytes"],
-            "folded_weight_bytes": manifest["folded_weight_bytes"],
-            "cache_hit": self.artifact.cache_hit,
-            "export_done_now": self.artifact.export_done_now,
-            "build_s": built - resolved,  # export/quantize done in this call (0-ish on a cache hit)
-            "session_s": finished - built,
-            "resolve_s": resolved - started,
-            "checkpoint_prepare_s": prepare_seconds(directory),
-            "artifact_dir": str(self.artifact.directory),
-            "provider": self.provider,
-            "threads": self.threads,
-        }
+        details = {"folded_weight_bytes": manifest["folded_weight_bytes"], "provider": self.provider,
+                   "export_done_now": self.artifact.export_done_now}
         if self.artifact.rebuilt_reason:
-            extra["cache_rebuilt"] = self.artifact.rebuilt_reason
-        # load_s: as for the other backends, the wall time of making the model ready from the
-        # local checkpoint in this call (includes any export / quantization done now).
-        return LoadReport(finished - resolved, int(manifest["weight_bytes"]), extra)
+            details["cache_rebuilt"] = self.artifact.rebuilt_reason
+        return LoadedModel(int(manifest["weight_bytes"]), details)
 
-    def _thread_count(self) -> int:
-        import torch
-
-        value = self.options.get("threads")
-        try:
-            threads = int(value) if value is not None else torch.get_num_threads()
-        except ValueError:
-            raise BackendError(f"{self.label}: threads must be an integer, got {value!r}") from None
-        if threads < 1:
-            raise BackendError(f"{self.label}: threads must be >= 1, got {threads}")
-        return threads
-
-    def _read_layout(self, directory: Path) -> dict[str, Any]:
-        """Input/output names, KV shape and dtype, vocabulary and special tokens of the session."""
-        from transformers import GenerationConfig
-
+    def _read_layout(self) -> dict[str, Any]:
+        """Input/output names and the KV shape and dtype of the session."""
         past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         if not past:
             raise BackendError(f"{self.label}: the exported graph has no past_key_values inputs")
         first = past[0]
-        kv_dtype = np.float16 if first.type == "tensor(float16)" else np.float32
-        logits = next(o for o in self.session.get_outputs() if o.name == "logits")
-        import json
-
-        config = json.loads((directory / "config.json").read_text())
-        try:
-            generation = GenerationConfig.from_pretrained(directory)
-            eos = generation.eos_token_id
-            pad = generation.pad_token_id
-        except OSError:
-            eos, pad = None, None
-        eos = eos if eos is not None else config.get("eos_token_id")
-        eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
-        pad = pad if pad is not None else config.get("pad_token_id")
-        if pad is None:
-            pad = eos_ids[0] if eos_ids else 0
         input_names = {i.name for i in self.session.get_inputs()}
         return {
             "past_names": [p.name for p in past],
             "present_names": [p.name.replace("past_key_values.", "present.") for p in past],
             "kv_heads": int(first.shape[1]),
             "head_dim": int(first.shape[3]),
-            "kv_dtype": kv_dtype,
-            "vocab": int(logits.shape[2]) if isinstance(logits.shape[2], int) else int(config["vocab_size"]),
-            "eos_ids": eos_ids,
-            "pad_id": int(pad),
+            "kv_dtype": np.float16 if first.type == "tensor(float16)" else np.float32,
             "has_position_ids": "position_ids" in input_names,
         }
 
@@ -416,71 +335,42 @@ class OnnxRuntimeBackend(Backend):
         """Bytes held by the ``present`` key/value OrtValues ``[batch, kv_heads, seq, head_dim]``."""
         return int(sum(int(np.prod(v.shape())) * cls._ELEMENT_BYTES[v.data_type()] for v in presents))
 
-    def generate(
-        self,
-        prompt_token_ids: Sequence[Sequence[int]],
-        max_new_tokens: int,
-        *,
-        min_new_tokens: int | None = None,
-        stop_token_ids: Sequence[int] = (),
-    ) -> GenerationOutput:
-        if self.session is None:
-            raise BackendError(f"{self.label}: generate() before load()")
-        if max_new_tokens < 1:
-            raise BackendError(f"{self.label}: max_new_tokens must be >= 1, got {max_new_tokens}")
-        check_prompts(self.label, prompt_token_ids, self._layout["vocab"])
-        layout = self._layout
-        batch = len(prompt_token_ids)
-        input_ids, mask = left_pad(prompt_token_ids, layout["pad_id"])
+    def _generate(self, request: GenerationRequest) -> GenerationOutput:
+        pad = self.special.pad_id
+        input_ids, mask = left_pad(request.prompt_token_ids, pad)
         # Position ids as transformers computes them for left padding: cumsum(mask) - 1, pads at 1.
         positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1)
-        stop_ids = stop_token_set(layout["eos_ids"], stop_token_ids)
-        stops = np.array(stop_ids, dtype=np.int64)
-        min_new = min_new_tokens or 0
-        tokens = np.zeros((batch, 0), dtype=np.int64)
-        finished = np.zeros(batch, dtype=bool)
-        step_times: list[float] = []
+        state: dict[str, Any] = {"mask": mask}
         extra: dict[str, Any] = {}
 
-        start = time.perf_counter()
-        logits, presents = self._run(input_ids, mask, positions, None, last_only=True)
-        for step in range(max_new_tokens):
-            if step < min_new and len(stops):
-                logits[:, stops] = -np.inf  # as transformers' MinNewTokensLengthLogitsProcessor
-            chosen = logits.argmax(axis=-1).astype(np.int64)
-            chosen = np.where(finished, layout["pad_id"], chosen)
-            step_times.append(time.perf_counter())
-            tokens = np.concatenate([tokens, chosen[:, None]], axis=1)
-            if step == 0:
-                extra["kv_cache_bytes_prefill"] = self._kv_bytes(presents)
-            finished |= np.isin(chosen, stops)
-            if finished.all() or step == max_new_tokens - 1:
-                break
-            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-            positions = (mask.sum(axis=1, keepdims=True) - 1).astype(np.int64)
-            logits, presents = self._run(chosen[:, None], mask, positions, presents, last_only=True)
-        extra["kv_cache_bytes"] = self._kv_bytes(presents)
-        stop_set = set(stop_ids)
-        return GenerationOutput([trim_at_stop(row, stop_set) for row in tokens.tolist()], start, step_times, extra)
+        def prefill() -> np.ndarray:
+            logits, state["presents"] = self._run(input_ids, mask, positions, None, last_only=True)
+            return logits
 
-    def loglikelihood(self, windows: Sequence[ScoringWindow]) -> list[np.ndarray]:
-        """One forward pass per window (empty past, all-ones mask); float64 log-probs of the
-        scored positions, ``[window.n_scored]`` each."""
-        if self.session is None:
-            raise BackendError(f"{self.label}: loglikelihood() before load()")
-        results = []
-        for window in windows:
-            if window.n_scored == 0:
-                results.append(np.zeros(0))
-                continue
-            check_prompts(self.label, [window.token_ids], self._layout["vocab"])
-            ids = np.array([window.token_ids], dtype=np.int64)
-            mask = np.ones_like(ids)
-            positions = np.arange(ids.shape[1], dtype=np.int64)[None]
-            logits, _ = self._run(ids, mask, positions, None, last_only=False)
-            first = window.first_scored
-            results.append(log_softmax_pick(logits[0, first - 1 : -1], ids[0, first:]))
-        return results
+        def step(chosen: np.ndarray, live: np.ndarray) -> np.ndarray:
+            state["mask"] = np.concatenate([state["mask"], np.ones((request.batch, 1), dtype=np.int64)], axis=1)
+            position = (state["mask"].sum(axis=1, keepdims=True) - 1).astype(np.int64)
+            fed = np.where(live, chosen, pad)[:, None]
+            logits, state["presents"] = self._run(fed, state["mask"], position, state["presents"], last_only=True)
+            return logits
+
+        def measure_prefill() -> None:
+            extra["kv_cache_bytes_prefill"] = self._kv_bytes(state["presents"])
+
+        out = greedy_decode(request, stop_token_set(self.special.eos_ids, request.stop_token_ids),
+                            prefill, step, measure_prefill)
+        extra["kv_cache_bytes"] = self._kv_bytes(state["presents"])
+        out.extra = extra
+        return out
+
+    def _score(self, window: ScoringWindow) -> np.ndarray:
+        """One forward pass per window (empty past, all-ones mask)."""
+        ids = np.array([window.token_ids], dtype=np.int64)
+        mask = np.ones_like(ids)
+        positions = np.arange(ids.shape[1], dtype=np.int64)[None]
+        logits, _ = self._run(ids, mask, positions, None, last_only=False)
+        first = window.first_scored
+        return target_logprobs(logits[0, first - 1 : -1], ids[0, first:])
 
     def memory(self) -> dict[str, int]:
         """``rss`` bytes; on CUDA also ``nvml_process`` (GPU memory of this process, which includes
@@ -515,4 +405,5 @@ class OnnxRuntimeBackend(Backend):
         }
 
     def close(self) -> None:
+        super().close()
         self.session = None

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from backends.base import ScoringWindow
-from harness.metrics import generation_timings
+from workloads.metrics import generation_timings, perplexity
 from harness.pytest_plugin import all_variants, measure
 from workloads.data import wikitext2_token_ids
 from workloads.latency import build_prompts
@@ -37,7 +37,7 @@ def corpus(bench_tokenizer, data_dir, request):
 def _attach(benchmark, backend, holder, peak, **metrics):
     benchmark.extra_info.update({
         "backend": backend.label, "model": holder.spec.name, "info": backend.info(),
-        "load": holder.load_info, "peak_memory": peak, **metrics})
+        "load": holder.load_info, **peak, **metrics})
 
 
 def _generation_case(benchmark, loaded_backends, corpus, pair, n_in, n_out, rounds):
@@ -69,7 +69,7 @@ def test_ppl_window(benchmark, loaded_backends, corpus, pair, bench_rounds):
     backend = loaded_backends.get(*pair)
     window = ScoringWindow(tuple(corpus[:256]), 0)
     (scores,), peak = measure(benchmark, lambda: backend.loglikelihood([window]), bench_rounds)
-    ppl = float(np.exp(-scores.mean()))
-    _attach(benchmark, backend, loaded_backends, peak, window_tokens=256, perplexity=ppl,
+    ppl = perplexity(scores)["ppl"]
+    _attach(benchmark, backend, loaded_backends, peak, window_tokens=256, ppl=ppl,
             scored_tokens=int(scores.size), tokens_per_s=None)
     assert np.isfinite(ppl)

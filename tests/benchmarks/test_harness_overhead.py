@@ -14,7 +14,7 @@ import torch
 
 from backends.hf.backend import TransformersBackend
 from backends.models import load_tokenizer, resolve_model
-from harness.metrics import generation_timings
+from workloads.metrics import generation_timings
 from workloads.data import wikitext2_token_ids
 from workloads.latency import build_prompts
 
@@ -34,7 +34,7 @@ def test_harness_decode_rate_within_5_percent_of_bare_generate(benchmark, data_d
         with torch.inference_mode():
             start = time.perf_counter()
             backend.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                   do_sample=False, pad_token_id=backend.pad_token_id)
+                                   do_sample=False, pad_token_id=backend.special.pad_id)
             return time.perf_counter() - start
 
     def harnessed() -> float:
