@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
-import pandas as pd
 
 SCHEMA_VERSION = 2
 FIELDS = ("schema", "run_id", "cell_id", "label", "backend", "variant", "options", "workload",
@@ -232,6 +231,8 @@ def _write_sqlite(path: Path, columns: list[str], rows: list[dict[str, Any]]) ->
 def write_tables(records: Iterable[dict[str, Any]], out_dir: Path | str) -> tuple[Path, Path]:
     """(Re)write ``out_dir/results.csv`` and ``out_dir/results.sqlite`` (table ``results``, untyped
     columns) with one flat row per record; each file is replaced atomically. Returns both paths."""
+    import pandas as pd  # imported here: the worker process imports this module, pandas costs ~90 MB RSS
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [flatten(json_safe(r)) for r in records]
@@ -266,6 +267,8 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def _read_table(path: Path) -> list[dict[str, Any]]:
     if path.suffix.lower() == ".csv":
+        import pandas as pd
+
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
         columns = list(frame.columns)
         rows = [{c: _from_csv(c, v) for c, v in row.items()} for row in frame.to_dict("records")]
@@ -294,9 +297,11 @@ def read_records(path: Path | str) -> list[dict[str, Any]]:
     if path.suffix.lower() not in (".jsonl", ".csv", ".sqlite", ".db"):
         raise ResultsError(f"{path}: unknown results suffix {path.suffix!r} "
                            "(expected .jsonl, .csv, .sqlite or .db)")
+    from pandas.errors import EmptyDataError, ParserError
+
     try:
         records = (_read_jsonl if path.suffix.lower() == ".jsonl" else _read_table)(path)
-    except (OSError, UnicodeError, sqlite3.Error, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+    except (OSError, UnicodeError, sqlite3.Error, ParserError, EmptyDataError) as exc:
         raise ResultsError(f"{path}: not readable ({(str(exc).splitlines() or [''])[0]})") from None
     if not records:
         raise ResultsError(f"{path}: no records")
