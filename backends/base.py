@@ -414,6 +414,7 @@ REGISTRY: dict[str, str] = {
     "onnx": "backends.onnx.backend:OnnxRuntimeBackend",
     "kvq": "backends.kvq.backend:KVQuantBackend",
     "mlc": "backends.mlc.backend:MLCBackend",
+    "llamacpp": "backends.llamacpp.backend:LlamaCppBackend",
 }
 
 

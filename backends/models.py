@@ -176,6 +176,21 @@ def _file_identity(path: str) -> str:
     return f"{path}:{stat.st_size}:{int(stat.st_mtime)}"
 
 
+def checkpoint_identity(directory: Path) -> str:
+    """A string that changes when the checkpoint in ``directory`` changes: its resolved path, the
+    sha256 of ``config.json`` and the size and mtime of every weight file."""
+    directory = directory.resolve()
+    parts = [str(directory)]
+    config = directory / "config.json"
+    if config.is_file():
+        parts.append(hashlib.sha256(config.read_bytes()).hexdigest())
+    for path in sorted(directory.iterdir()):
+        if path.suffix in {".safetensors", ".bin", ".pt", ".gguf"}:
+            stat = path.stat()
+            parts.append(f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}")
+    return "|".join(parts)
+
+
 def stand_in_tokenizer_dir() -> Path:
     """The embedded model's tokenizer directory, used where a random-weight model has none."""
     return checkpoint_dir(resolve_model(EMBEDDED_MODEL))

@@ -76,13 +76,13 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def param(default: int, help: str, *flags: str, sweep: bool = False, minimum: int = 1,
-          cli_default: list[int] | None = None) -> Any:
+def param(default: int | str, help: str, *flags: str, sweep: bool = False, minimum: int = 1,
+          cli_default: list[int] | None = None, choices: tuple[str, ...] = ()) -> Any:
     """A workload parameter field: its command-line ``flags`` (first is the name), ``help``, and
     whether the flag takes a comma list (``sweep``: one cell per value, ``cli_default`` the list
-    used when the flag is not given); integers ``>= minimum``."""
+    used when the flag is not given); integers ``>= minimum``, or one of ``choices`` (strings)."""
     return field(default=default, metadata={"flags": flags, "help": help, "sweep": sweep, "minimum": minimum,
-                                            "cli_default": cli_default or [default]})
+                                            "cli_default": cli_default or [default], "choices": choices})
 
 
 @dataclass
@@ -126,6 +126,10 @@ class Workload(abc.ABC):
         group = parser.add_argument_group(cls.name)
         for f in fields(cls.Params):
             meta = f.metadata
+            if meta.get("choices"):
+                group.add_argument(*meta["flags"], dest=f"{cls.name}__{f.name}", choices=meta["choices"],
+                                   default=f.default, help=f"{meta['help']} (default {f.default})")
+                continue
             if meta.get("sweep"):
                 kind, default = positive_ints, list(meta["cli_default"])
             else:

@@ -1,4 +1,4 @@
-"""Token-level perplexity on the WikiText-2 raw test split, sliding-window protocol.
+"""Token-level perplexity on the WikiText-2 raw test split, by one of two protocols.
 
 Protocol: the transformers guide "Perplexity of fixed-length models"
 (https://huggingface.co/docs/transformers/perplexity). The whole test text is tokenized once
@@ -7,6 +7,9 @@ scores only the tokens the previous window did not (its first ``context - stride
 context), so every token after the first is scored exactly once, with up to ``context - 1``
 tokens of history. ``max_eval_tokens`` keeps a prefix of the token stream (0 = all ~305k tokens).
 PPL = exp(mean NLL over all scored tokens), with its standard error (``workloads.metrics.perplexity``).
+
+``--ppl-protocol llamacpp`` is llama.cpp's ``llama-perplexity`` instead (``llamacpp_chunks``):
+non-overlapping chunks, BOS first where the tokenizer adds one, the second half of each scored.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ class WikiTextParams(WorkloadParams):
     stride: int = param(512, "stride tokens", "--ppl-stride")
     max_eval_tokens: int = param(8192, "score this many leading tokens; 0 = the whole split",
                                  "--max-eval-tokens", minimum=0)
+    protocol: str = param("hf-sliding", "perplexity protocol: the transformers guide's sliding window, or "
+                          "llama.cpp's llama-perplexity chunks", "--ppl-protocol",
+                          choices=("hf-sliding", "llamacpp"))
 
 
 def sliding_windows(token_ids, context: int, stride: int) -> list[ScoringWindow]:
@@ -53,6 +59,34 @@ def sliding_windows(token_ids, context: int, stride: int) -> list[ScoringWindow]
     return windows
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts a BOS token in front of text by default (as llama.cpp's
+    ``llama_vocab_get_add_bos`` tells llama-perplexity)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def llamacpp_chunks(token_ids, context: int, bos: int | None) -> list[ScoringWindow]:
+    """llama.cpp's ``llama-perplexity`` protocol (tools/perplexity/perplexity.cpp): non-overlapping
+    chunks of ``context`` tokens (a trailing partial chunk is dropped), each chunk's first token
+    replaced by ``bos`` when the tokenizer adds one, and only the tokens after position
+    ``context // 2`` scored (positions ``context//2 + 1 .. context - 1``; llama.cpp's ``first``).
+
+    Raises:
+        WorkloadError: fewer than ``context`` tokens, or ``context`` < 4.
+    """
+    if context < 4 or len(token_ids) < context:
+        raise WorkloadError(f"llama.cpp perplexity needs context >= 4 and at least {context} tokens "
+                            f"(got {len(token_ids)})")
+    windows = []
+    for start in range(0, len(token_ids) - context + 1, context):
+        chunk = list(token_ids[start:start + context])
+        if bos is not None:
+            chunk[0] = bos
+        windows.append(ScoringWindow(tuple(chunk), n_context=context // 2 + 1))
+    return windows
+
+
 class WikiText2Workload(Workload):
     name = "wikitext2"
     description = "token-level perplexity on WikiText-2 (sliding window)"
@@ -63,7 +97,7 @@ class WikiText2Workload(Workload):
 
     @classmethod
     def check(cls, params: WikiTextParams) -> None:
-        if params.stride > params.context:
+        if params.protocol == "hf-sliding" and params.stride > params.context:
             raise WorkloadError(f"--ppl-stride {params.stride} must be <= --ppl-context {params.context}")
 
     @classmethod
@@ -84,7 +118,15 @@ class WikiText2Workload(Workload):
         ids = wikitext2_token_ids(tokenizer)
         if p.max_eval_tokens:
             ids = ids[: p.max_eval_tokens]
-        windows = sliding_windows(ids, p.context, p.stride)
+        if p.protocol == "llamacpp":
+            bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+            windows = llamacpp_chunks(ids, p.context, bos)
+            protocol = (f"llama.cpp perplexity: {len(windows)} chunks of {p.context} tokens, "
+                        + ("first token replaced by BOS" if bos is not None else "no BOS (the tokenizer adds none)")
+                        + f", last {windows[0].n_scored} of each scored")
+        else:
+            windows = sliding_windows(ids, p.context, p.stride)
+            protocol = f"sliding window, context {p.context}, stride {p.stride}, {len(ids)} tokens"
         logprobs: list[np.ndarray] = []
         for index, window in enumerate(windows):
             (scores,) = backend.loglikelihood([window])
@@ -94,8 +136,7 @@ class WikiText2Workload(Workload):
             progress(index + 1, len(windows))
         flat = np.concatenate(logprobs)
         metrics = perplexity(flat)
-        metrics.update(n_windows=len(windows), protocol=f"sliding window, context {p.context}, "
-                       f"stride {p.stride}, {len(ids)} tokens")
+        metrics.update(n_windows=len(windows), protocol=protocol)
         samples = {"window_mean_nll": [float(-w.mean()) for w in logprobs]}
         return WorkloadResult(metrics, samples)
 

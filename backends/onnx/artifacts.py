@@ -51,21 +51,6 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def checkpoint_identity(directory: Path) -> str:
-    """A string that changes when the checkpoint in ``directory`` changes: its resolved path, the
-    sha256 of ``config.json`` and the size and mtime of every weight file."""
-    directory = directory.resolve()
-    parts = [str(directory)]
-    config = directory / "config.json"
-    if config.is_file():
-        parts.append(hashlib.sha256(config.read_bytes()).hexdigest())
-    for path in sorted(directory.iterdir()):
-        if path.suffix in {".safetensors", ".bin", ".pt", ".gguf"}:
-            stat = path.stat()
-            parts.append(f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}")
-    return "|".join(parts)
-
-
 def entry_key(identity: str, variant: str, settings: dict[str, Any]) -> str:
     """16 hex digits of sha256 over identity, variant, settings and library versions."""
     payload = json.dumps(

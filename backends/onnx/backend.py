@@ -26,7 +26,7 @@ from backends.base import (Availability, Backend, BackendError, GenerationOutput
                            Preparation, ScoringWindow)
 from backends.decoding import greedy_decode
 from backends.device import cuda_available
-from backends.models import ModelSpec
+from backends.models import ModelSpec, checkpoint_identity
 from backends.onnx import artifacts
 from backends.onnx.quantize import Int4Settings, Int8Settings
 from backends.options import BackendOptions
@@ -175,7 +175,7 @@ class OnnxRuntimeBackend(Backend):
         onnx.load(str(model_path), load_external_data=False)
 
     def _artifact(self, directory: Path) -> artifacts.Artifact:
-        identity = artifacts.checkpoint_identity(directory)
+        identity = checkpoint_identity(directory)
         fp32 = self._fp32_artifact(directory, identity)
         if self.variant == "fp32":
             return fp32
