@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "chosen backend that has KEY (threads=2); see list --options NAME")
     run.add_argument("--timeout", type=positive_int, default=3600, help="seconds per cell (default 3600)")
 
+    sweep = sub.add_parser("sweep", help="run a design-space sweep file (YAML): the grid of its axes")
+    sweep.add_argument("file", type=Path)
+    sweep.add_argument("--out", type=Path, help="output folder (default reports/out/FILE-RUN_ID)")
+    sweep.add_argument("--resume", action="store_true",
+                       help="continue the sweep in --out: run only cells without an ok record")
+    sweep.add_argument("--dry-run", action="store_true", help="print the cells and their count, run nothing")
+    sweep.add_argument("--timeout", type=positive_int, default=3600, help="seconds per cell (default 3600)")
     listing = sub.add_parser("list", help="backends (with availability), models, workloads")
     listing.add_argument("--options", metavar="BACKEND", choices=list(REGISTRY),
                          help="print one backend's options (name, type, default, description)")
@@ -98,24 +105,61 @@ def report_sections(records: list[dict[str, Any]]):
     return [workload_class(name).report_section for name in WORKLOADS]
 
 
-def command_run(args: argparse.Namespace) -> int:
-    from rich.markup import escape
+def quality_filtered(spec, workloads: list[str], named: bool) -> list[str]:
+    """``workloads`` without the quality ones on random weights.
 
+    Raises:
+        UsageError: a quality workload was named explicitly (``named``) for a random-weight model.
+    """
+    if not spec.random_weights:
+        return workloads
+    quality = {w for w in WORKLOADS if workload_class(w).needs_quality}
+    refused = [w for w in workloads if w in quality]
+    if refused and named:
+        raise UsageError(f"quality workloads ({', '.join(refused)}) are refused on random weights; "
+                         f"choose from {', '.join(w for w in WORKLOADS if w not in quality)}")
+    return [w for w in workloads if w not in quality]
+
+
+def execute(spec, jobs, out: Path, run_id: str, timeout: int, previous: list[dict[str, Any]] = ()) -> int:
+    """Run ``jobs`` into ``out`` with progress bars, then print the summary and write the report
+    over ``previous`` records and the new ones. Returns the exit code (1 if a new cell failed)."""
     from harness.console import ProgressObserver, console, make_progress, summary_table
     from harness.runner import RunConfig, Runner
     from reports.markdown import render_report
 
+    results_path = out / "results.jsonl"
+    cells = sum(len(job.cells) for job in jobs)
+    console.print(f"run {run_id}: {spec.name} ({spec.source}); {len(jobs)} backend variants, {cells} cells "
+                  f"-> {results_path}")
+    with make_progress() as progress:
+        runner = Runner(RunConfig(run_id, spec, results_path, out / "logs", timeout), ProgressObserver(progress))
+        records = runner.run(jobs, previous)
+    everything = latest_per_cell([*previous, *records])
+    console.print(summary_table(everything))
+    report = render_report(everything, out, title=f"quantarena: {spec.name}", sections=report_sections(everything))
+    console.print(f"results: {results_path} (and results.csv, results.sqlite)\nreport: {report}")
+    return 0 if all(r["status"] == "ok" for r in records) else 1
+
+
+def latest_per_cell(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per cell key, the latest (a resumed sweep retries failed cells), in first-seen
+    order; records without a key (schema-1 files) are all kept."""
+    latest: dict[Any, dict[str, Any]] = {}
+    for index, record in enumerate(records):
+        latest[record.get("cell_key") or index] = record
+    return list(latest.values())
+
+
+def command_run(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
+    from harness.console import console
+
     spec = resolve_model(args.model, random_weights=args.random_weights)
     if spec.source == "hub":
         checkpoint_dir(spec)  # download once, here, so an unreachable model is a one-line error
-    workloads = parse_workloads(args.workloads, DEFAULT_WORKLOADS)
-    if spec.random_weights:
-        quality = {w for w in WORKLOADS if workload_class(w).needs_quality}
-        refused = [w for w in workloads if w in quality]
-        if refused and args.workloads:
-            raise UsageError(f"quality workloads ({', '.join(refused)}) are refused on random weights; "
-                             f"choose from {', '.join(w for w in WORKLOADS if w not in quality)}")
-        workloads = [w for w in workloads if w not in quality]
+    workloads = quality_filtered(spec, parse_workloads(args.workloads, DEFAULT_WORKLOADS), bool(args.workloads))
     check_data(workloads)
     pairs = parse_backends(args.backends)
     jobs, left_out = build_jobs(pairs, plan_cells(args, workloads), list(args.backend_option))
@@ -124,17 +168,52 @@ def command_run(args: argparse.Namespace) -> int:
     if not jobs:
         raise UsageError("no backend is available on this machine; see python -m harness list")
     run_id = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = args.out or PROJECT_ROOT / "reports" / "out" / run_id
+    return execute(spec, jobs, args.out or PROJECT_ROOT / "reports" / "out" / run_id, run_id, args.timeout)
+
+
+def command_sweep(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
+    from harness.console import console
+    from harness.env import fingerprint
+    from harness.plan import cell_key
+    from harness.sweep import load_sweep, plan_sweep
+    from reports.records import recover_jsonl
+
+    sweep = load_sweep(args.file)
+    spec = resolve_model(sweep.model, random_weights=sweep.random_weights)
+    if spec.source == "hub":
+        checkpoint_dir(spec)
+    workloads = quality_filtered(spec, sweep.workloads, True)
+    check_data(workloads)
+    jobs, left_out = plan_sweep(sweep, args.file, workloads)
+    for item in left_out:
+        console.print(f"[yellow]skipped[/] {escape(item)}")
+    run_id = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = args.out or PROJECT_ROOT / "reports" / "out" / f"{args.file.stem}-{run_id}"
     results_path = out / "results.jsonl"
-    console.print(f"run {run_id}: {spec.name} ({spec.source}); {len(jobs)} backend variants x "
-                  f"{len(jobs[0].cells)} cells -> {results_path}")
-    with make_progress() as progress:
-        runner = Runner(RunConfig(run_id, spec, results_path, out / "logs", args.timeout), ProgressObserver(progress))
-        records = runner.run(jobs)
-    console.print(summary_table(records))
-    report = render_report(records, out, title=f"quantarena: {spec.name}", sections=report_sections(records))
-    console.print(f"results: {results_path} (and results.csv, results.sqlite)\nreport: {report}")
-    return 0 if all(r["status"] == "ok" for r in records) else 1
+    previous = []
+    if results_path.exists():
+        if not args.resume:
+            raise UsageError(f"{results_path} already holds results: add --resume to continue that sweep, "
+                             "or choose another --out")
+        previous = recover_jsonl(results_path)
+    done = {r.get("cell_key") for r in previous if r["status"] == "ok"}
+    packages = fingerprint().get("packages", {})
+    total = sum(len(job.cells) for job in jobs)
+    for job in jobs:
+        job.cells = [c for c in job.cells if cell_key(spec.to_dict(), job, c, packages) not in done]
+    jobs = [job for job in jobs if job.cells]
+    todo = sum(len(job.cells) for job in jobs)
+    if args.dry_run:
+        for job in jobs:
+            console.print(f"{escape(job.label)}: {', '.join(c.cell_id for c in job.cells)}")
+        console.print(f"{total} cells, {total - todo} already done, {todo} to run")
+        return 0
+    if not jobs:
+        console.print(f"all {total} cells of {args.file} already have ok records in {results_path}")
+        return 0
+    return execute(spec, jobs, out, run_id, args.timeout, previous)
 
 
 def command_list(args: argparse.Namespace) -> int:
@@ -192,7 +271,7 @@ def command_report(args: argparse.Namespace) -> int:
         args.runs = [args.results]
         args.out = (args.out or args.results.parent) / f"{args.results.stem}.md"
         return command_compare(args)
-    records = read_records(args.results)
+    records = latest_per_cell(read_records(args.results))
     out = args.out or args.results.parent
     report = render_report(records, out, title=f"quantarena: {(records[0]['model'] or {}).get('name', '')}",
                            sections=report_sections(records))
@@ -214,7 +293,8 @@ def command_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": command_run, "list": command_list, "report": command_report, "compare": command_compare}
+COMMANDS = {"run": command_run, "sweep": command_sweep, "list": command_list, "report": command_report,
+            "compare": command_compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

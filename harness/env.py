@@ -15,7 +15,7 @@ from typing import Any
 import psutil
 
 PACKAGES = ("torch", "transformers", "bitsandbytes", "accelerate", "onnxruntime", "optimum-onnx",
-            "optimum-quanto", "apache-tvm", "gguf", "numpy")
+            "optimum-quanto", "apache-tvm", "llama-cpp-python", "gguf", "numpy", "pydantic", "pandas")
 
 
 def _cpu_model() -> str:

@@ -7,6 +7,8 @@ to their backends and validated here, before anything loads.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,10 +41,28 @@ class Job:
     options: dict[str, Any]
     cells: list[Cell] = field(default_factory=list)
     skip_reason: str | None = None  # unavailable here: recorded, not run
+    tag: str = ""  # the options a sweep varies, e.g. "sliding_window=1024": part of the row label
 
     @property
     def label(self) -> str:
-        return f"{self.backend}:{self.variant}"
+        """``backend:variant``, plus ``[tag]`` when a sweep varies this backend's options."""
+        return f"{self.backend}:{self.variant}" + (f" [{self.tag}]" if self.tag else "")
+
+
+# Versions that change what a cell measures; part of every cell's key (the project's own commit is
+# not: a resumed sweep keeps the cells that finished before an unrelated commit).
+KEY_PACKAGES = ("torch", "transformers", "bitsandbytes", "onnxruntime", "optimum-onnx", "optimum-quanto",
+                "apache-tvm", "llama-cpp-python")
+
+
+def cell_key(model: dict[str, Any], job: Job, cell: Cell, packages: dict[str, str]) -> str:
+    """A stable key of one cell: sha256 (16 hex digits) over the model, backend, variant, options
+    as parsed, workload, parameters and the measuring libraries' versions. Equal keys mean the
+    same measurement, so ``--resume`` skips a key that already has an ok record."""
+    payload = {"model": model, "backend": job.backend, "variant": job.variant, "options": job.options,
+               "workload": cell.workload, "params": cell.params,
+               "versions": {name: packages.get(name) for name in KEY_PACKAGES}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def parse_backends(text: str | None) -> list[tuple[str, str, bool]]:

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from backends.models import ModelSpec
 from harness.env import fingerprint
-from harness.plan import Cell, Job
+from harness.plan import Cell, Job, cell_key
 from reports.records import SCHEMA_VERSION, ResultsWriter, normalize, write_tables
 
 
@@ -78,11 +78,13 @@ class Runner:
         self.env = fingerprint()
         config.log_dir.mkdir(parents=True, exist_ok=True)
 
-    def run(self, jobs: list[Job]) -> list[dict[str, Any]]:
+    def run(self, jobs: list[Job], previous: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+        """Run ``jobs`` in order; returns their records. ``previous``: records already in the
+        results file (a resumed sweep), kept in the CSV/SQLite tables beside the new ones."""
         records: list[dict[str, Any]] = []
         for job in jobs:
             records.extend(self.run_job(job))
-            write_tables(records, self.config.results_path.parent)
+            write_tables([*previous, *records], self.config.results_path.parent)
         return records
 
     def _record(self, job: Job, cell: Cell, status: str, started_at: str, **data: Any) -> dict[str, Any]:
@@ -90,6 +92,7 @@ class Runner:
             "schema": SCHEMA_VERSION,
             "run_id": self.config.run_id,
             "cell_id": cell.cell_id,
+            "cell_key": cell_key(self.config.model.to_dict(), job, cell, self.env.get("packages", {})),
             "label": job.label,
             "backend": job.backend,
             "variant": job.variant,

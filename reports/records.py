@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 SCHEMA_VERSION = 2
-FIELDS = ("schema", "run_id", "cell_id", "label", "backend", "variant", "options", "workload",
+FIELDS = ("schema", "run_id", "cell_id", "cell_key", "label", "backend", "variant", "options", "workload",
           "params", "model", "status", "error", "metrics", "samples", "load", "info", "env",
           "started_at", "duration_s")
 KNOWN_SCHEMAS = (1, 2)
@@ -42,7 +42,7 @@ V1_PREPARE = {"checkpoint_prepare_s": "checkpoint_s", **{k: k for k in (
 V2_LOAD_TOP = ("load_s", "weight_bytes", "load_call_s", "first_forward_s")
 
 # CSV columns that stay text even when a cell looks like a number or a boolean
-TEXT_COLUMNS = frozenset({"run_id", "cell_id", "label", "backend", "variant", "workload", "status",
+TEXT_COLUMNS = frozenset({"run_id", "cell_id", "cell_key", "label", "backend", "variant", "workload", "status",
                           "error", "started_at", "env.git_commit", "env.cpu", "env.os",
                           "env.python", "env.cuda_driver"})
 TEXT_PREFIXES = ("model.", "env.packages.", "info.library.")
@@ -263,6 +263,38 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
                 raise ResultsError(f"{path}:{number}: not a JSON line") from None
             records.append(_checked(record, f"{path}:{number}"))
     return records
+
+
+def recover_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The complete records of a JSONL results file that a crash may have cut mid-line (a run
+    killed while appending, a power loss): a trailing line without its newline that is not valid
+    JSON is removed from the file (truncated away), so appending can continue cleanly. A missing
+    file gives no records.
+
+    Raises:
+        ResultsError: a non-JSON or non-record line before the end.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    tail = data[end:]
+    if tail.strip():
+        try:
+            json.loads(tail)
+            end = len(data)  # a complete last record that only lacks its newline
+        except ValueError:
+            pass
+        with path.open("r+b") as handle:
+            if end == len(data):
+                handle.seek(0, os.SEEK_END)
+                handle.write(b"\n")
+            else:
+                handle.truncate(end)
+            handle.flush()
+            os.fsync(handle.fileno())
+    return _read_jsonl(path) if path.read_bytes().strip() else []
 
 
 def _read_table(path: Path) -> list[dict[str, Any]]:

@@ -111,7 +111,7 @@ def test_upgrade_v1_renames_squad_metrics_and_leaves_its_input_alone():
 
 def test_flatten_joins_keys_and_unflatten_inverts_it():
     row = flatten(SQUAD)
-    assert list(row)[:6] == ["schema", "run_id", "cell_id", "label", "backend", "variant"]
+    assert list(row)[:7] == ["schema", "run_id", "cell_id", "cell_key", "label", "backend", "variant"]
     assert row["options.threads"] == 4 and row["params.n"] == 4
     assert row["env.packages.torch"] == "2.14" and row["load.prepare.checkpoint_s"] == 19.2
     assert json.loads(row["model.notes"]) == MODEL["notes"]

@@ -155,6 +155,34 @@ class Workload(abc.ABC):
         return cells
 
     @classmethod
+    def param_names(cls) -> dict[str, str]:
+        """Every name a parameter answers to in a sweep file -> its field: the field name and each
+        flag without dashes (``n_out``, ``output_len``)."""
+        names: dict[str, str] = {}
+        for f in fields(cls.Params):
+            names[f.name] = f.name
+            for flag in f.metadata.get("flags", ()):
+                names[flag.lstrip("-").replace("-", "_")] = f.name
+        return names
+
+    @classmethod
+    def coerce(cls, name: str, value: Any) -> Any:
+        """``value`` checked as parameter ``name`` (a field name): an int >= its minimum, or one
+        of its choices.
+
+        Raises:
+            WorkloadError: naming the parameter and what it accepts.
+        """
+        meta = next(f.metadata for f in fields(cls.Params) if f.name == name)
+        if meta.get("choices"):
+            if value not in meta["choices"]:
+                raise WorkloadError(f"{cls.name}.{name} must be one of {', '.join(meta['choices'])}, got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or value < meta["minimum"]:
+            raise WorkloadError(f"{cls.name}.{name} must be an integer >= {meta['minimum']}, got {value!r}")
+        return value
+
+    @classmethod
     def check(cls, params: WorkloadParams) -> None:
         """Reject parameter combinations before anything runs (raise ``WorkloadError``)."""
 
