@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                             ".sqlite or pytest-benchmark JSON")
     report.add_argument("results", type=Path)
     report.add_argument("--out", type=Path, help="output folder (default: beside the results)")
-    compare = sub.add_parser("compare", help="compare pytest-benchmark JSON runs (first = reference)")
+    compare = sub.add_parser("compare", help="compare two results files (.jsonl/.csv/.sqlite: per-cell "
+                             "ratios, changes beyond the noise flagged) or pytest-benchmark JSON runs "
+                             "(first = reference)")
     compare.add_argument("runs", type=Path, nargs="+")
     compare.add_argument("--out", type=Path, help="write the markdown here (default: print it)")
     return parser
@@ -280,10 +282,21 @@ def command_report(args: argparse.Namespace) -> int:
     return 0
 
 
+RESULTS_SUFFIXES = (".jsonl", ".csv", ".sqlite", ".db")
+
+
 def command_compare(args: argparse.Namespace) -> int:
     from reports.benchmarks import render_benchmarks
+    from reports.compare import render_comparison
 
-    markdown = render_benchmarks(args.runs)
+    if any(path.suffix.lower() in RESULTS_SUFFIXES for path in args.runs):
+        if len(args.runs) != 2:
+            raise UsageError("compare takes two results files: the reference, then the new one")
+        better = {m.name: m.better for name in WORKLOADS for m in workload_class(name).metrics}
+        a, b = (latest_per_cell(read_records(path)) for path in args.runs)
+        markdown = render_comparison(a, b, better, names=tuple(f"{p.parent.name}/{p.name}" for p in args.runs))
+    else:
+        markdown = render_benchmarks(args.runs)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(markdown, encoding="utf-8")
