@@ -312,10 +312,6 @@ class Backend(abc.ABC):
             BackendError: the model cannot be loaded in this variant (with the reason).
         """
 
-    @property
-    def loaded(self) -> bool:
-        return self.special is not None
-
     def _require_loaded(self, what: str) -> SpecialTokens:
         if self.special is None:
             raise BackendError(f"{self.label}: {what}() before load()")

@@ -7,8 +7,12 @@ Every backend chooses its device and threads through these helpers, so "cuda whe
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import psutil
+
+if TYPE_CHECKING:
+    from backends.base import Availability
 
 
 
@@ -42,7 +46,7 @@ def physical_cores() -> int:
     return psutil.cpu_count(logical=False) or psutil.cpu_count(logical=True) or 1
 
 
-def dtype_availability(dtype: str, device: str) -> "Availability":
+def dtype_availability(dtype: str, device: str) -> Availability:
     """Whether ``device`` computes in ``dtype`` (``float32``/``bfloat16``/``float16``) natively.
 
     Emulated half precision is not offered: its numbers would measure the emulation, not the format.

@@ -171,7 +171,8 @@ def _fingerprint(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def _file_identity(path: str) -> str:
+def file_identity(path: str) -> str:
+    """``path:size:mtime`` of a file: changes when the file is replaced or rewritten."""
     stat = Path(path).stat()
     return f"{path}:{stat.st_size}:{int(stat.st_mtime)}"
 
@@ -221,7 +222,7 @@ def checkpoint_dir(spec: ModelSpec) -> Path:
                 f"model {spec.name}: cannot fetch {spec.location} from the Hub "
                 f"({type(exc).__name__}); use --random-weights for speed/memory runs"
             ) from None
-    key_source = spec.location if spec.source == "random" else _file_identity(spec.location)
+    key_source = spec.location if spec.source == "random" else file_identity(spec.location)
     key = _fingerprint(spec.source, key_source, transformers.__version__, str(RANDOM_SEED))
     target = cache_root() / "checkpoints" / f"{Path(spec.name).name}-{spec.source}-{key}"
     if (target / "done.json").is_file():

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from backends.base import REGISTRY, backend_class, variant_availability
 from backends.models import EMBEDDED_MODEL, MODELS, ModelError, checkpoint_dir, resolve_model
 from harness.plan import Cell, UsageError, build_jobs, parse_backends, parse_workloads
-from reports.records import ResultsError, read_records
+from reports.records import RESULTS_SUFFIXES, ResultsError, read_records
 from workloads.base import WorkloadError, positive_int
 from workloads.registry import DEFAULT_WORKLOADS, WORKLOADS, workload_class
 
@@ -280,9 +280,6 @@ def command_report(args: argparse.Namespace) -> int:
     console.print(summary_table(records))
     console.print(f"report: {report}")
     return 0
-
-
-RESULTS_SUFFIXES = (".jsonl", ".csv", ".sqlite", ".db")
 
 
 def command_compare(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.base import REGISTRY, BackendError, backend_class, variant_availability
+from backends.base import REGISTRY, Availability, BackendError, backend_class, variant_availability
 from backends.options import OptionError, parse_options, split_addressed
 from workloads.registry import WORKLOADS
 
@@ -129,17 +129,38 @@ def build_jobs(
         UsageError: a bad option (see ``backend_options``).
     """
     options = backend_options(pairs, option_pairs)
-    jobs, left_out = [], []
-    for name, variant, explicit in pairs:
-        availability = variant_availability(name, variant)
-        if not availability.ok and not explicit:
-            left_out.append(f"{name}:{variant} ({availability.reason})")
-            continue
-        if availability.ok:
-            try:
-                backend_class(name)(variant, options[name])
-            except BackendError as exc:
-                raise UsageError(str(exc)) from None
+    runnable, left_out = runnable_pairs(pairs)
+    jobs = []
+    for name, variant, availability in runnable:
+        try:
+            check_variant(name, variant, options[name], availability)
+        except BackendError as exc:
+            raise UsageError(str(exc)) from None
         jobs.append(Job(name, variant, dict(options[name]), list(cells),
                         None if availability.ok else availability.reason))
     return jobs, left_out
+
+
+def runnable_pairs(pairs: list[tuple[str, str, bool]]) -> tuple[list[tuple[str, str, Availability]], list[str]]:
+    """The variants to make jobs of, with their availability, and ``name:variant (reason)`` of the
+    ones left out: an unavailable variant named explicitly is kept (recorded as failed with its
+    reason), one that only came from expanding a backend name is left out."""
+    runnable, left_out = [], []
+    for name, variant, explicit in pairs:
+        availability = variant_availability(name, variant)
+        if availability.ok or explicit:
+            runnable.append((name, variant, availability))
+        else:
+            left_out.append(f"{name}:{variant} ({availability.reason})")
+    return runnable, left_out
+
+
+def check_variant(name: str, variant: str, options: dict[str, Any], availability: Availability) -> None:
+    """Construct an available variant with its options once, so checks that depend on the variant
+    fail before anything loads.
+
+    Raises:
+        BackendError: the backend rejects the options for this variant.
+    """
+    if availability.ok:
+        backend_class(name)(variant, options)

@@ -18,10 +18,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from backends.base import REGISTRY, BackendError, backend_class, variant_availability
+from backends.base import REGISTRY, BackendError, backend_class
 from backends.models import EMBEDDED_MODEL
 from backends.options import OptionError, parse_options
-from harness.plan import Cell, Job, UsageError, parse_backends, parse_workloads
+from harness.plan import Cell, Job, UsageError, check_variant, parse_backends, parse_workloads, runnable_pairs
 from workloads.base import WorkloadError
 from workloads.registry import DEFAULT_WORKLOADS, WORKLOADS, workload_class
 
@@ -175,19 +175,15 @@ def plan_sweep(spec: SweepSpec, path: Path, workloads: list[str]) -> tuple[list[
             raise where.error(("link",), f"linked axes {group} must all be options of one backend or all "
                               "workload parameters")
     cells = _cells(spec, workloads, groups, kinds, where)
-    jobs, left_out = [], []
-    for name, variant, explicit in pairs:
-        availability = variant_availability(name, variant)
-        if not availability.ok and not explicit:
-            left_out.append(f"{name}:{variant} ({availability.reason})")
-            continue
+    runnable, left_out = runnable_pairs(pairs)
+    jobs = []
+    for name, variant, availability in runnable:
         cls = backend_class(name)
         for point in _combinations(groups, spec.axes, lambda a: kinds[a] == ("backend", name)):
             values = {**spec.backend_options.get(name, {}), **{a.partition(".")[2]: v for a, v in point.items()}}
             try:
                 options = parse_options(cls.Options, name, values).model_dump()
-                if availability.ok:
-                    cls(variant, options)
+                check_variant(name, variant, options, availability)
             except (OptionError, BackendError) as exc:
                 keys = ("axes", next(iter(point))) if point else ("backend_options", name)
                 at = f" (at {', '.join(f'{a}={v}' for a, v in point.items())})" if point else ""

@@ -29,6 +29,7 @@ FIELDS = ("schema", "run_id", "cell_id", "cell_key", "label", "backend", "varian
           "params", "model", "status", "error", "metrics", "samples", "load", "info", "env",
           "started_at", "duration_s")
 KNOWN_SCHEMAS = (1, 2)
+RESULTS_SUFFIXES = (".jsonl", ".csv", ".sqlite", ".db")  # what read_records reads
 
 SQUAD_RENAMES = {"exact": "exact_pct", "f1": "f1_pct", "exact_ci95": "exact_pct_ci95",
                  "f1_ci95": "f1_pct_ci95", "HasAns_exact": "HasAns_exact_pct",
@@ -326,7 +327,7 @@ def read_records(path: Path | str) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise ResultsError(f"results file not found: {path}")
-    if path.suffix.lower() not in (".jsonl", ".csv", ".sqlite", ".db"):
+    if path.suffix.lower() not in RESULTS_SUFFIXES:
         raise ResultsError(f"{path}: unknown results suffix {path.suffix!r} "
                            "(expected .jsonl, .csv, .sqlite or .db)")
     from pandas.errors import EmptyDataError, ParserError

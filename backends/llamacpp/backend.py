@@ -99,6 +99,7 @@ class LlamaCppBackend(Backend):
         self._n_vocab = 0
         self._kv_per_token_fp16 = 0
         self._source = ""
+        self._tensor_types: dict[str, int] | None = None
 
     @classmethod
     def availability(cls, variant: str) -> Availability:
@@ -144,8 +145,9 @@ class LlamaCppBackend(Backend):
                                                      llama.llama_model_n_head_kv(self._model), head_dim, 2)
         self._ensure_context(self.options.n_ctx or 512)
         self._batch = llama.llama_batch_init(max(self.options.n_batch, self.options.max_batch), 0, 1)
+        self._tensor_types = tensor_types(self.path)  # read once: info() is called after every cell
         return LoadedModel(int(llama.llama_model_size(self._model)),
-                           {"source": self._source, "tensor_types": tensor_types(self.path)})
+                           {"source": self._source, "tensor_types": self._tensor_types})
 
     def _ensure_context(self, tokens: int) -> None:
         """A context holding ``tokens`` KV cells (all sequences together), re-created when a request
@@ -275,7 +277,7 @@ class LlamaCppBackend(Backend):
                          "type_v": self.options.type_v, "n_ctx": self._n_ctx},
             "quantization": {"format": f"gguf-{self.variant}", "llama_ftype": FTYPES[self.variant],
                              "source": self._source,
-                             "tensor_types": tensor_types(self.path) if self.path else None},
+                             "tensor_types": self._tensor_types},
             "gguf": str(self.path) if self.path else None,
         }
 

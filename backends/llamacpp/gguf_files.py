@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from backends.models import ModelSpec, cache_root, checkpoint_identity
+from backends.models import ModelSpec, cache_root, checkpoint_identity, file_identity
 
 FORMAT = 1  # of the files this module writes; part of the cache key
 
@@ -60,10 +60,7 @@ def entry_dir(spec: ModelSpec, directory: Path) -> Path:
     """The cache folder of this model's GGUF files (may not exist yet)."""
     import llama_cpp
 
-    identity = spec.location if spec.source == "gguf" else checkpoint_identity(directory)
-    if spec.source == "gguf":
-        stat = Path(spec.location).stat()
-        identity += f":{stat.st_size}:{int(stat.st_mtime)}"
+    identity = file_identity(spec.location) if spec.source == "gguf" else checkpoint_identity(directory)
     key = hashlib.sha256(json.dumps([identity, llama_cpp.__version__, FORMAT]).encode()).hexdigest()[:16]
     return cache_root() / "llamacpp" / f"{Path(directory).name}-{key}"
 

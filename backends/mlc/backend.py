@@ -148,7 +148,7 @@ class MLCBackend(Backend):
         from backends.mlc.convert import convert, read_checkpoint
         from backends.mlc.model import build_model, export_spec
 
-        cfg = self._config(directory)
+        self.cfg = cfg = self._config(directory)
         dtype = self.compute_dtype
         embed_mode = self.embed_mode
         target = make_target(self.device, self.threads)
@@ -186,12 +186,11 @@ class MLCBackend(Backend):
         from backends.mlc import artifacts
         from backends.mlc.runtime import Session
 
-        cfg = self._config(directory)
+        cfg = self.cfg  # parsed by prepare()
         library, params, _ = artifacts.load(self._entry)
         itemsize = np.dtype(self.compute_dtype).itemsize
         kv_per_token = kv_bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, itemsize)
         self.session = Session(library, params, self.device, self.kv_options, kv_per_token)
-        self.cfg = cfg
         return LoadedModel(int(sum(p.nbytes for p in params)), artifacts.sizes(self._entry))
 
     # --- contract ---------------------------------------------------------------------------
