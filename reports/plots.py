@@ -7,10 +7,14 @@ from typing import Any
 
 from reports.table import SummaryRow
 
+# 12 markers against matplotlib's 10 default colours: every series up to 60 looks different
+MARKERS = "osD^vP*Xh<>p"
+
 
 def quality_speed_plot(rows: list[SummaryRow], path: Path) -> Path | None:
-    """Decode tokens/s (x) against perplexity (y), one labelled point per backend variant; the
-    trade-off a reader chooses on. Returns None when no row has both numbers."""
+    """Decode tokens/s (x) against perplexity (y), one point per backend variant, named in a legend
+    beside the axes (labels written next to close points overlap); the trade-off a reader chooses
+    on. Returns None when no row has both numbers."""
     points = [(r.label, r.decode_tok_s.value, r.ppl.value) for r in rows
               if r.decode_tok_s.value is not None and r.ppl.value is not None]
     if not points:
@@ -21,9 +25,9 @@ def quality_speed_plot(rows: list[SummaryRow], path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for label, speed, ppl in points:
-        ax.scatter(speed, ppl)
-        ax.annotate(label, (speed, ppl), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for index, (label, speed, ppl) in enumerate(points):
+        ax.scatter(speed, ppl, marker=MARKERS[index % len(MARKERS)], label=label)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     ax.set_xlabel("decode tokens/s (median)")
     ax.set_ylabel("WikiText-2 perplexity")
     ppls = [p for _, _, p in points]
@@ -31,14 +35,14 @@ def quality_speed_plot(rows: list[SummaryRow], path: Path) -> Path | None:
         ax.set_yscale("log")
     ax.set_title("Quality vs decode speed")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
 def bar_plot(values: dict[str, float], ylabel: str, title: str, path: Path) -> Path | None:
-    """A bar per backend variant (e.g. TTFT or peak memory)."""
+    """A horizontal bar per backend variant (e.g. TTFT or peak memory): row labels (long for swept
+    options) read left of their bars, the value axis is labelled ``ylabel``."""
     values = {k: v for k, v in values.items() if v is not None}
     if not values:
         return None
@@ -47,13 +51,14 @@ def bar_plot(values: dict[str, float], ylabel: str, title: str, path: Path) -> P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.bar(list(values), list(values.values()))
-    ax.set_ylabel(ylabel)
+    fig, ax = plt.subplots(figsize=(6, 1.2 + 0.3 * len(values)), dpi=120)
+    ax.barh(list(values), list(values.values()))
+    ax.invert_yaxis()  # first row on top, as in the tables
+    ax.set_xlabel(ylabel)
     ax.set_title(title)
-    ax.tick_params(axis="x", rotation=30, labelsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
+    ax.tick_params(axis="y", labelsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -68,15 +73,14 @@ def kv_context_plot(series: dict[str, list[tuple[int, float]]], path: Path) -> P
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for label, points in sorted(series.items()):
-        points = sorted(points)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    for index, (label, points) in enumerate(sorted(series.items())):
+        points = sorted(points)  # colours repeat after 10 series; colour + marker stays unique up to 60
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=MARKERS[index % len(MARKERS)], label=label)
     ax.set_xlabel("context tokens")
     ax.set_ylabel("KV cache MB")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
 

@@ -143,6 +143,9 @@ def upgrade_v1(record: dict[str, Any]) -> dict[str, Any]:
         for v1_key, v2_key in V1_PREPARE.items():
             if v1_key in old and v2_key not in prepare:
                 prepare[v2_key] = old.pop(v1_key)
+        if "artifact_bytes" not in prepare and {"library_bytes", "weights_bytes_on_disk"} <= set(old):
+            # v1 mlc reported its entry's two files; v2's artifact_bytes is their sum (as mlc now reports)
+            prepare["artifact_bytes"] = old["library_bytes"] + old["weights_bytes_on_disk"]
         load.update(prepare=prepare, details=old)
         out["load"] = load
     return out

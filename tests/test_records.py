@@ -93,6 +93,8 @@ def test_schema1_example_is_upgraded_to_schema2(example_records):
     mlc = next(r for r in example_records if r["label"] == "mlc:q4f16_1")
     assert mlc["load"]["prepare"]["cache_hit"] is False  # v1 artifact_cache_hit
     assert mlc["load"]["details"]["library_bytes"] > 0
+    details = mlc["load"]["details"]
+    assert mlc["load"]["prepare"]["artifact_bytes"] == details["library_bytes"] + details["weights_bytes_on_disk"]
 
 
 def test_upgrade_v1_renames_squad_metrics_and_leaves_its_input_alone():
