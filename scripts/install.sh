@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs quantarena and what the default run needs into the active Python environment.
 # Usage: bash scripts/install.sh [EXTRAS]   (EXTRAS default: bnb,onnx,kvq,mlc,llamacpp,dev)
-# llamacpp builds llama.cpp from source (about 11 minutes on 2 cores; CMAKE_ARGS="-DGGML_CUDA=on" for CUDA).
+# llamacpp builds llama.cpp from source (5-11 minutes on 2 cores; CMAKE_ARGS="-DGGML_CUDA=on" for CUDA).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-bnb,onnx,kvq,mlc,llamacpp,dev}"

@@ -105,7 +105,7 @@ class LlamaCppBackend(Backend):
     def availability(cls, variant: str) -> Availability:
         if importlib.util.find_spec("llama_cpp") is None:
             return Availability.no("llama-cpp-python is not installed: pip install quantarena[llamacpp] "
-                                   "(builds llama.cpp from source, about 11 minutes on 2 cores)")
+                                   "(builds llama.cpp from source, 5-11 minutes on 2 cores)")
         return Availability.yes()
 
     @property
