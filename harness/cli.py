@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", type=Path, help="output folder (default reports/out/FILE-RUN_ID)")
     sweep.add_argument("--resume", action="store_true",
                        help="continue the sweep in --out: run only cells without an ok record")
+    sweep.add_argument("--scale", help="a scale the file defines under scales: (e.g. full, the GPU-size study); "
+                       "default: the file's top level (the CPU scale)")
     sweep.add_argument("--dry-run", action="store_true", help="print the cells and their count, run nothing")
     sweep.add_argument("--timeout", type=positive_int, default=3600, help="seconds per cell (default 3600)")
     listing = sub.add_parser("list", help="backends (with availability), models, workloads")
@@ -182,7 +184,7 @@ def command_sweep(args: argparse.Namespace) -> int:
     from harness.sweep import load_sweep, plan_sweep
     from reports.records import recover_jsonl
 
-    sweep = load_sweep(args.file)
+    sweep = load_sweep(args.file, args.scale)
     spec = resolve_model(sweep.model, random_weights=sweep.random_weights)
     if spec.source == "hub":
         checkpoint_dir(spec)
@@ -192,7 +194,8 @@ def command_sweep(args: argparse.Namespace) -> int:
     for item in left_out:
         console.print(f"[yellow]skipped[/] {escape(item)}")
     run_id = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = args.out or PROJECT_ROOT / "reports" / "out" / f"{args.file.stem}-{run_id}"
+    name = args.file.stem + (f"-{args.scale}" if args.scale else "")
+    out = args.out or PROJECT_ROOT / "reports" / "out" / f"{name}-{run_id}"
     results_path = out / "results.jsonl"
     previous = []
     if results_path.exists():

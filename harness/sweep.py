@@ -43,6 +43,8 @@ class SweepSpec(BaseModel):
     backend_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     axes: dict[str, list[Any]] = Field(default_factory=dict)
     link: list[list[str]] = Field(default_factory=list)
+    scales: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="named scales (e.g. full: a GPU-size study): keys that replace the top-level ones")
     _where: Any = PrivateAttr(default=None)  # the file and its YAML nodes, for errors with lines
 
     def workload_sections(self) -> dict[str, dict[str, Any]]:
@@ -71,20 +73,24 @@ def _line_of(root, path: tuple) -> int | None:
 class _Located:
     """Turns problems into ``SweepError("FILE:LINE: KEY: message")``."""
 
-    def __init__(self, path: Path, root):
+    def __init__(self, path: Path, root, scale: str | None = None, scaled: frozenset = frozenset()):
         self.path, self.root = path, root
+        self.scale, self.scaled = scale, scaled  # keys the chosen scale replaced: their lines are there
 
     def error(self, keys: tuple, message: str) -> SweepError:
-        line = _line_of(self.root, keys)
+        located = ("scales", self.scale, *keys) if keys and keys[0] in self.scaled else keys
+        line = _line_of(self.root, located)
         where = f"{self.path}:{line}" if line else str(self.path)
         return SweepError(f"{where}: {'.'.join(map(str, keys)) or 'file'}: {message}")
 
 
-def load_sweep(path: Path) -> SweepSpec:
-    """Read and validate a sweep file.
+def load_sweep(path: Path, scale: str | None = None) -> SweepSpec:
+    """Read and validate a sweep file, at one of its ``scales`` when ``scale`` names one (the keys
+    of ``scales.SCALE`` replace the top-level ones; without a scale, the top level is the sweep).
 
     Raises:
-        SweepError: unreadable, not YAML, or a key of the wrong type / unknown (file, line, key).
+        SweepError: unreadable, not YAML, a key of the wrong type / unknown (file, line, key), or
+            an unknown scale.
     """
     import yaml
 
@@ -101,6 +107,12 @@ def load_sweep(path: Path) -> SweepSpec:
     where = _Located(path, root)
     if not isinstance(data, dict):
         raise where.error((), "a sweep file is a mapping of keys (model, backends, workloads, axes, ...)")
+    if scale is not None:
+        scales = data.get("scales") or {}
+        if not isinstance(scales, dict) or not isinstance(scales.get(scale), dict):
+            raise where.error(("scales",), f"no scale {scale!r} in this file; scales: {', '.join(scales) or 'none'}")
+        data = {**data, **scales[scale]}
+        where = _Located(path, root, scale, frozenset(scales[scale]))
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as exc:

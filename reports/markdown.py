@@ -126,9 +126,12 @@ def render_report(records: list[dict[str, Any]], out_dir: Path, title: str = "qu
     if failures:
         parts += ["", "## Failures", ""]
         parts += [f"- `{r['label']}` / {r['workload']}: {r['error']}" for r in failures]
-    plots = plot_all(rows, records, out_dir)
-    if plots:
-        parts += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    figures = plot_all(records, out_dir)
+    if figures:
+        parts += ["", "## Figures", ""]
+        for figure in figures:
+            parts += [f"### {figure.title}", "", f"![{figure.title}]({figure.png.name})", "",
+                      f"Data: [{figure.csv.name}]({figure.csv.name})", ""]
     parts += ["", "## Method", "", METHOD_NOTES, "## Environment", ""]
     parts += [f"- CPU: {env.get('cpu')} ({env.get('cores_physical')} physical cores), RAM "
               f"{(env.get('ram_bytes') or 0) / 2**30:.1f} GiB",

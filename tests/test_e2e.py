@@ -50,4 +50,4 @@ def test_report_carries_model_note_and_tables(smollm2_run):
     assert "dequantized from the GGUF Q4_1 file" in report
     assert "## Perplexity (WikiText-2 raw, test)" in report
     assert "sliding window, context 512, stride 256, 1024 tokens" in report
-    assert (out / "quality_vs_speed.png").is_file()
+    assert (out / "speed_vs_perplexity.png").is_file() and (out / "speed_vs_perplexity.csv").is_file()

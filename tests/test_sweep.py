@@ -138,3 +138,50 @@ def test_existing_results_without_resume_are_refused(tmp_path, capsys):
     (tmp_path / "out" / "results.jsonl").write_text("")
     assert main(["sweep", str(path), "--out", str(tmp_path / "out")]) == 2
     assert "already holds results: add --resume" in capsys.readouterr().err
+
+
+SCALED = """
+model: tiny-llama
+backends: [hf:fp32]
+workloads: [latency]
+latency: {output_len: 2}
+axes:
+  n_in: [16, 32]
+scales:
+  full:
+    model: smollm2-135m
+    latency: {output_len: 8}
+    axes:
+      n_in: [64, 128, 256]
+      bogus_axis: [1]
+"""
+
+
+def test_a_scale_replaces_the_top_level_keys_it_names(tmp_path):
+    path = write(tmp_path, SCALED.replace("      bogus_axis: [1]\n", ""))
+    cpu = load_sweep(path)
+    full = load_sweep(path, "full")
+    assert (cpu.model, cpu.axes["n_in"], cpu.workload_sections()["latency"]) == ("tiny-llama", [16, 32], {"output_len": 2})
+    assert (full.model, full.axes["n_in"], full.workload_sections()["latency"]) == ("smollm2-135m", [64, 128, 256], {"output_len": 8})
+    assert full.backends == cpu.backends == ["hf:fp32"]  # a key the scale does not name stays
+    jobs, _ = plan_sweep(full, path, full.workloads)
+    assert [c.cell_id for c in jobs[0].cells] == [f"latency-in{n}-out8-b1" for n in (64, 128, 256)]
+
+
+def test_an_error_in_a_scale_names_the_line_inside_that_scale(tmp_path, capsys):
+    path = write(tmp_path, SCALED)
+    assert main(["sweep", str(path), "--scale", "full", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("axes.bogus_axis: not a parameter of latency nor a BACKEND.option")
+    assert f"{path}:14:" in err  # the scale's bogus_axis line (top-level axes: line 6)
+    assert main(["sweep", str(path), "--scale", "gpu", "--dry-run"]) == 2
+    assert "no scale 'gpu' in this file; scales: full" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_recipe_plans_at_cpu_and_full_scale(recipe):
+    for scale in (None, "full"):
+        spec = load_sweep(recipe, scale)
+        jobs, _ = plan_sweep(spec, recipe, spec.workloads)
+        assert sum(len(job.cells) for job in jobs) > 1
+    assert load_sweep(recipe, "full").model == "llama3-8b"
