@@ -8,8 +8,9 @@ nothing about workloads; workloads only call the public methods below.
 What this layer owns, so that it is the same for every backend: option parsing (``Options``),
 request validation, the ``load`` clock (entry to a first generated token: weights resident),
 one-time preparation reported under one vocabulary (``Preparation``), the scoring loop over
-windows, and the special tokens. A backend implements ``_load``, ``_generate``, ``_score`` and
-``info`` (``docs/adding-a-backend.md`` walks through one).
+windows (target log-probabilities, and the baseline-agreement statistics, from the logits each
+backend returns), and the special tokens. A backend implements ``_load``, ``_generate``,
+``_score_logits`` and ``info`` (``docs/adding-a-backend.md`` walks through one).
 
 Time stamps are ``time.perf_counter()`` seconds throughout; byte counts are plain ``int`` bytes.
 """
@@ -30,6 +31,7 @@ import numpy as np
 
 from backends.models import ModelError, ModelSpec, checkpoint_dir, prepare_seconds
 from backends.options import BackendOptions, OptionError, parse_options
+from backends.scoring import CompactLogprobs, compact_topk, target_logprobs, topk_agreement
 from backends.tokens import SpecialTokens, check_prompts
 
 
@@ -108,6 +110,13 @@ class LoadReport:
         weight_bytes: see ``LoadedModel``.
         preparation: one-time work (``Preparation``), not part of ``load_s``.
         details: backend-specific extras.
+        memory: what loading left resident, measured by ``Backend.load`` around ``_load`` and the
+            first generation (``backends.memory.LoadMemory``): ``rss_before_load_bytes``,
+            ``rss_after_load_bytes``, ``model_resident_bytes`` (after - before, host RSS, with
+            ``malloc_trim`` first: ``"called"`` or ``"skipped: <reason>"``); on CUDA also
+            ``cuda_allocated_before_load_bytes`` / ``cuda_allocated_after_load_bytes`` /
+            ``model_resident_cuda_allocated_bytes`` (torch's allocator) and
+            ``nvml_process_after_load_bytes``. Host and device bytes are separate keys.
     """
 
     load_s: float
@@ -116,11 +125,13 @@ class LoadReport:
     weight_bytes: int
     preparation: Preparation = field(default_factory=Preparation)
     details: dict[str, Any] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """The record's ``load`` field: ``prepare`` holds the preparation, ``details`` the extras."""
+        """The record's ``load`` field: ``prepare`` holds the preparation, ``details`` the extras,
+        and the ``memory`` keys sit at the top level (``load.model_resident_bytes``, ...)."""
         return {"load_s": self.load_s, "weight_bytes": self.weight_bytes, "load_call_s": self.load_call_s,
-                "first_forward_s": self.first_forward_s, "prepare": self.preparation.to_dict(),
+                "first_forward_s": self.first_forward_s, **self.memory, "prepare": self.preparation.to_dict(),
                 "details": dict(self.details)}
 
 
@@ -134,12 +145,18 @@ class GenerationRequest:
         min_new_tokens: stop tokens are suppressed before this many; ``max_new_tokens`` gives an
             exact output length (latency runs).
         stop_token_ids: a sequence stops after emitting one of these or an end-of-sequence id.
+        start_s: the TTFT origin, ``perf_counter()`` seconds, one point for every backend: stamped by
+            ``Backend.generate`` once the request is validated, just before it is handed to the
+            backend's ``_generate``, i.e. before any per-request work (padding, host-to-device
+            copies, KV cache / sequence creation, ``model.generate`` set-up). Every backend reports
+            it unchanged as ``GenerationOutput.start_s``. Defaults to the construction time.
     """
 
     prompt_token_ids: tuple[tuple[int, ...], ...]
     max_new_tokens: int
     min_new_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()
+    start_s: float = field(default_factory=time.perf_counter, compare=False)
 
     @property
     def batch(self) -> int:
@@ -156,7 +173,8 @@ class GenerationOutput:
 
     Attributes:
         token_ids: one list of generated token ids per prompt (prompt excluded), ``[batch][<= n_out]``.
-        start_s: ``perf_counter()`` just before the backend received the prompt.
+        start_s: the request's ``GenerationRequest.start_s`` (``perf_counter()`` just before the
+            backend received the validated prompt; see there).
         step_times_s: ``perf_counter()`` taken as each decoding step's tokens became available on
             the host, one per generated position (``len == max(len(t) for t in token_ids)``).
             ``step_times_s[0] - start_s`` is the time to first token (TTFT).
@@ -197,6 +215,24 @@ class ScoringWindow:
         return max(0, len(self.token_ids) - self.first_scored)
 
 
+@dataclass
+class WindowScore:
+    """What ``Backend.score_window`` returns for one window of ``n = window.n_scored`` positions.
+
+    Attributes:
+        logprobs: float64 ``[n]`` natural-log probabilities of the target tokens.
+        topk: the compact top-k distributions (``backends.scoring.CompactLogprobs``), when asked.
+        kld: float64 ``[n]`` KL divergence (nats) KLD(reference || this backend) over the
+            reference's top-k tokens plus a rest bucket, when a reference was given.
+        same_top: bool ``[n]``: this backend's argmax equals the reference's, when one was given.
+    """
+
+    logprobs: np.ndarray
+    topk: CompactLogprobs | None = None
+    kld: np.ndarray | None = None
+    same_top: np.ndarray | None = None
+
+
 class Backend(abc.ABC):
     """One inference engine, in one variant (a quantization format / precision / cache setting).
 
@@ -217,6 +253,9 @@ class Backend(abc.ABC):
     variants: ClassVar[dict[str, str]]
     default_variants: ClassVar[tuple[str, ...]]
     Options: ClassVar[type[BackendOptions]] = BackendOptions
+    # Modules the engine runs on, imported by ``load`` before its memory baseline
+    # (``rss_before_load_bytes``) so that library code is not counted as the model's memory.
+    runtime_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, variant: str, options: Mapping[str, Any] | BackendOptions | None = None):
         if variant not in self.variants:
@@ -278,13 +317,16 @@ class Backend(abc.ABC):
         preparation.wall_s = time.perf_counter() - started
         self.special = SpecialTokens.from_checkpoint(directory)
         self.spec = model
+        from backends.memory import LoadMemory
+
+        memory = LoadMemory(self.runtime_modules)  # imports, trims and reads RSS: before the clock
         begin = time.perf_counter()
         loaded = self._load(model, directory)
         called = time.perf_counter()
         first = self.generate([[self.special.eos_ids[0] if self.special.eos_ids else 0]], 1, min_new_tokens=1)
         ready = first.step_times_s[0]
         return LoadReport(ready - begin, called - begin, ready - called, int(loaded.weight_bytes),
-                          preparation, loaded.details)
+                          preparation, loaded.details, memory.finish())
 
     def _seed(self) -> None:
         random.seed(self.options.seed)
@@ -336,11 +378,13 @@ class Backend(abc.ABC):
                 token is included in its output); end-of-sequence always stops unless suppressed.
 
         Returns:
-            a ``GenerationOutput`` with per-step host timestamps taken as tokens were produced.
+            a ``GenerationOutput`` with per-step host timestamps taken as tokens were produced;
+            ``start_s`` is stamped here (``GenerationRequest.start_s``), after validation and
+            right before ``_generate``, so TTFT starts at the same point for every backend.
 
         Raises:
-            BackendError: before ``load()``, no/empty prompts, an id outside the vocabulary, or
-                ``max_new_tokens < 1``.
+            BackendError: before ``load()``, no/empty prompts, an id outside the vocabulary,
+                ``max_new_tokens < 1``, or a backend that reports another start than the request's.
         """
         special = self._require_loaded("generate")
         try:
@@ -349,13 +393,24 @@ class Backend(abc.ABC):
             raise BackendError(str(exc)) from None
         if max_new_tokens < 1:
             raise BackendError(f"{self.label}: max_new_tokens must be >= 1, got {max_new_tokens}")
-        request = GenerationRequest(tuple(tuple(int(t) for t in p) for p in prompt_token_ids), int(max_new_tokens),
-                                    int(min_new_tokens or 0), tuple(int(t) for t in stop_token_ids))
-        return self._generate(request)
+        prompts = tuple(tuple(int(t) for t in p) for p in prompt_token_ids)
+        stops = tuple(int(t) for t in stop_token_ids)
+        # The TTFT origin (the same point for every backend): the request is validated and
+        # converted; everything per-request from here on (padding, KV cache, engine set-up) is timed.
+        request = GenerationRequest(prompts, int(max_new_tokens), int(min_new_tokens or 0), stops,
+                                    start_s=time.perf_counter())
+        output = self._generate(request)
+        if output.start_s != request.start_s:
+            raise BackendError(f"{self.label}: _generate must report request.start_s as start_s "
+                               "(the TTFT origin is stamped by Backend.generate)")
+        return output
 
     @abc.abstractmethod
     def _generate(self, request: GenerationRequest) -> GenerationOutput:
-        """Serve a validated request; end-of-sequence ids are ``self.special.eos_ids``."""
+        """Serve a validated request; end-of-sequence ids are ``self.special.eos_ids``.
+
+        Returns a ``GenerationOutput`` whose ``start_s`` is ``request.start_s`` (do not stamp
+        another start: per-request set-up belongs to the time to first token)."""
 
     def loglikelihood(self, windows: Sequence[ScoringWindow]) -> list[np.ndarray]:
         """Per-token log-probabilities (natural log, float64) of each window's scored positions.
@@ -366,22 +421,51 @@ class Backend(abc.ABC):
         Raises:
             BackendError: before ``load()``, or a token id outside the vocabulary.
         """
+        return [self.score_window(window).logprobs for window in windows]
+
+    def score_window(self, window: ScoringWindow, *, keep_topk: int = 0,
+                     reference: CompactLogprobs | None = None) -> WindowScore:
+        """Score one window from the backend's logits (``_score_logits``): the target tokens'
+        log-probabilities and, when asked, the compact top-k distributions (a baseline) or the
+        per-token agreement with a baseline's (``backends.scoring``). The logits of one window
+        (float32 ``[n_scored, vocab]``: 100 MB at 512 x 49152) are dropped before returning.
+
+        Args:
+            window: the tokens and how many of them are context only.
+            keep_topk: > 0: also return ``CompactLogprobs`` with this many tokens per position.
+            reference: a baseline's ``CompactLogprobs`` for this window's scored positions: also
+                return per-token KLD(base || this backend) and top-1 agreement.
+
+        Raises:
+            BackendError: before ``load()``, a token id outside the vocabulary, logits of the wrong
+                shape, or a ``reference`` of another length.
+        """
         special = self._require_loaded("loglikelihood")
-        results = []
-        for window in windows:
-            if window.n_scored == 0:
-                results.append(np.zeros(0))
-                continue
-            try:
-                check_prompts(self.label, [window.token_ids], special.vocab_size)
-            except ValueError as exc:
-                raise BackendError(str(exc)) from None
-            results.append(self._score(window))
-        return results
+        if window.n_scored == 0:
+            return WindowScore(np.zeros(0))
+        try:
+            check_prompts(self.label, [window.token_ids], special.vocab_size)
+        except ValueError as exc:
+            raise BackendError(str(exc)) from None
+        logits = np.asarray(self._score_logits(window), dtype=np.float32)
+        if logits.ndim != 2 or logits.shape[0] != window.n_scored:
+            raise BackendError(f"{self.label}: logits of shape {logits.shape} for {window.n_scored} scored tokens")
+        score = WindowScore(target_logprobs(logits, np.asarray(window.token_ids[window.first_scored:])))
+        if keep_topk:
+            score.topk = compact_topk(logits, keep_topk)
+        if reference is not None:
+            if len(reference) != window.n_scored:
+                raise BackendError(f"{self.label}: baseline has {len(reference)} positions, the window "
+                                   f"scores {window.n_scored}")
+            score.kld, score.same_top = topk_agreement(logits, reference)
+        return score
 
     @abc.abstractmethod
-    def _score(self, window: ScoringWindow) -> np.ndarray:
-        """float64 ``[window.n_scored]`` log-probabilities of one validated, non-empty window."""
+    def _score_logits(self, window: ScoringWindow) -> np.ndarray:
+        """float32 ``[window.n_scored, vocab]`` logits of one validated, non-empty window: row ``j``
+        is the distribution of the token at position ``window.first_scored + j`` given the tokens
+        before it (the logits at positions ``first_scored - 1 .. n - 2``). ``vocab`` is the
+        model's output width (it may exceed the tokenizer's)."""
 
     # --- description ------------------------------------------------------------------------------
     def memory(self) -> dict[str, int]:

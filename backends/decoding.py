@@ -3,7 +3,9 @@
 The backend supplies two functions, ``prefill`` and ``step``; this loop picks tokens, enforces
 ``min_new_tokens`` and stop tokens, and stamps each step with ``perf_counter`` the moment its
 tokens exist on the host, so TTFT and ITL mean the same thing for every backend that uses it
-(transformers backends get the same stamps from ``model.generate`` through a streamer).
+(transformers backends get the same stamps from ``model.generate`` through a streamer). The start
+is not stamped here: it is the request's ``start_s``, stamped by ``Backend.generate`` before the
+backend's per-request set-up (its KV cache / sequences, padded inputs), the same point for all.
 """
 
 from __future__ import annotations
@@ -35,13 +37,13 @@ def greedy_decode(request: GenerationRequest, stop_ids: list[int], prefill: Pref
             the prompts), e.g. to measure the KV cache; its cost falls into the second interval.
 
     Returns:
-        ``GenerationOutput`` with each sequence's tokens (its stop token included) and the stamps.
+        ``GenerationOutput`` with each sequence's tokens (its stop token included), the stamps, and
+        ``start_s = request.start_s`` (the TTFT origin stamped by ``Backend.generate``).
     """
     stops = np.asarray(stop_ids, dtype=np.int64)
     tokens: list[list[int]] = [[] for _ in range(request.batch)]
     live = np.ones(request.batch, dtype=bool)
     stamps: list[float] = []
-    start = time.perf_counter()
     logits = prefill()
     for index in range(request.max_new_tokens):
         if index < request.min_new_tokens and stops.size:
@@ -56,4 +58,4 @@ def greedy_decode(request: GenerationRequest, stop_ids: list[int], prefill: Pref
         if not live.any() or index == request.max_new_tokens - 1:
             break
         logits = step(chosen, live)
-    return GenerationOutput(tokens, start, stamps)
+    return GenerationOutput(tokens, request.start_s, stamps)

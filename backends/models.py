@@ -318,5 +318,50 @@ def load_causal_lm(spec: ModelSpec, options: TorchLoadOptions):
     model = AutoModelForCausalLM.from_pretrained(checkpoint_dir(spec), **kwargs)
     if options.quantization_config is None:
         model = model.to(options.device)
+    else:
+        release_checkpoint_mapping(model)
     model.eval()
     return model
+
+
+def _mapped_checkpoint_ranges() -> list[tuple[int, int]]:
+    """Address ranges of this process's memory-mapped ``*.safetensors`` files (``/proc/self/maps``;
+    empty where there is no procfs)."""
+    ranges = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                parts = line.split()
+                if len(parts) > 5 and parts[5].endswith(".safetensors"):
+                    low, high = (int(x, 16) for x in parts[0].split("-"))
+                    ranges.append((low, high))
+    except OSError:
+        return []
+    return ranges
+
+
+def release_checkpoint_mapping(model) -> int:
+    """Copy into process memory the parameters and buffers that still point into a memory-mapped
+    safetensors checkpoint, so that the mapping can be closed; returns the bytes copied.
+
+    transformers loads safetensors through ``mmap``; a quantizing loader (bitsandbytes) reads
+    every fp32 weight to quantize it, which pages the whole file in, and keeps the tensors it
+    does not quantize (embedding, norms) as views into the mapping. Those few views keep the whole
+    file mapped, and its pages count in the process's RSS (SmolLM2-135M: 513 MB of mapping held
+    for a 108 MB embedding). Copying them releases the mapping when the last view goes. Linux
+    only (the mapping is found in ``/proc/self/maps``); elsewhere nothing is copied.
+    """
+    import torch
+
+    ranges = _mapped_checkpoint_ranges()
+    if not ranges:
+        return 0
+    copied = 0
+    with torch.no_grad():
+        for tensors in (model.parameters(), model.buffers()):
+            for tensor in tensors:
+                pointer = tensor.data_ptr()
+                if tensor.device.type == "cpu" and any(low <= pointer < high for low, high in ranges):
+                    tensor.data = tensor.data.clone()
+                    copied += tensor.numel() * tensor.element_size()
+    return copied

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from backends.base import REGISTRY, backend_class, variant_availability
 from backends.models import EMBEDDED_MODEL, MODELS, ModelError, checkpoint_dir, resolve_model
-from harness.plan import Cell, UsageError, build_jobs, parse_backends, parse_workloads
+from harness.plan import Cell, UsageError, baseline_first, build_jobs, parse_backends, parse_workloads
 from reports.records import RESULTS_SUFFIXES, ResultsError, read_records
 from workloads.base import WorkloadError, positive_int
 from workloads.registry import DEFAULT_WORKLOADS, WORKLOADS, workload_class
@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="NAME.KEY=VALUE for one backend (mlc.sliding_window=1024), KEY=VALUE for every "
                           "chosen backend that has KEY (threads=2); see list --options NAME")
     run.add_argument("--timeout", type=positive_int, default=3600, help="seconds per cell (default 3600)")
+    run.add_argument("--baseline", metavar="LABEL",
+                     help="the NAME:VARIANT the others are compared with (KL divergence, top-1 and greedy-token "
+                          "agreement); it runs first; 'none': no comparison (default hf:fp32 on CPU, hf:fp16 on "
+                          "CUDA, when in the run)")
 
     sweep = sub.add_parser("sweep", help="run a design-space sweep file (YAML): the grid of its axes")
     sweep.add_argument("file", type=Path)
@@ -73,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                             ".sqlite or pytest-benchmark JSON")
     report.add_argument("results", type=Path)
     report.add_argument("--out", type=Path, help="output folder (default: beside the results)")
+    report.add_argument("--baseline", metavar="LABEL",
+                        help="the row others are compared with (default: the run's baseline, else hf:fp32 / hf:fp16)")
     compare = sub.add_parser("compare", help="compare two results files (.jsonl/.csv/.sqlite: per-cell "
                              "ratios, changes beyond the noise flagged) or pytest-benchmark JSON runs "
                              "(first = reference)")
@@ -125,10 +131,13 @@ def quality_filtered(spec, workloads: list[str], named: bool) -> list[str]:
     return [w for w in workloads if w not in quality]
 
 
-def execute(spec, jobs, out: Path, run_id: str, timeout: int, previous: list[dict[str, Any]] = ()) -> int:
+def execute(spec, jobs, out: Path, run_id: str, timeout: int, previous: list[dict[str, Any]] = (),
+            baseline: str | None = None, baseline_note: str | None = None) -> int:
     """Run ``jobs`` into ``out`` with progress bars, then print the summary and write the report
-    over ``previous`` records and the new ones. Returns the exit code (1 if a new cell failed)."""
-    from harness.console import ProgressObserver, console, make_progress, summary_table
+    over ``previous`` records and the new ones. ``baseline``: the label the others are compared
+    with (its job first), or None with ``baseline_note`` saying why. Returns the exit code (1 if
+    a new cell failed)."""
+    from harness.console import ProgressObserver, console, make_progress, relative_table, summary_table
     from harness.runner import RunConfig, Runner
     from reports.markdown import render_report
 
@@ -137,11 +146,16 @@ def execute(spec, jobs, out: Path, run_id: str, timeout: int, previous: list[dic
     console.print(f"run {run_id}: {spec.name} ({spec.source}); {len(jobs)} backend variants, {cells} cells "
                   f"-> {results_path}")
     with make_progress() as progress:
-        runner = Runner(RunConfig(run_id, spec, results_path, out / "logs", timeout), ProgressObserver(progress))
+        runner = Runner(RunConfig(run_id, spec, results_path, out / "logs", timeout, baseline, baseline_note),
+                        ProgressObserver(progress))
         records = runner.run(jobs, previous)
     everything = latest_per_cell([*previous, *records])
+    relative = relative_table(everything, baseline) if baseline else None
+    if relative is not None:
+        console.print(relative)
     console.print(summary_table(everything))
-    report = render_report(everything, out, title=f"quantarena: {spec.name}", sections=report_sections(everything))
+    report = render_report(everything, out, title=f"quantarena: {spec.name}", sections=report_sections(everything),
+                           baseline=baseline)
     console.print(f"results: {results_path} (and results.csv, results.sqlite)\nreport: {report}")
     return 0 if all(r["status"] == "ok" for r in records) else 1
 
@@ -171,8 +185,11 @@ def command_run(args: argparse.Namespace) -> int:
         console.print(f"[yellow]skipped[/] {escape(item)}")
     if not jobs:
         raise UsageError("no backend is available on this machine; see python -m harness list")
+    jobs, baseline, note = baseline_first(jobs, args.baseline)
+    console.print(f"baseline: {escape(baseline)}" if baseline else f"[yellow]{escape(note)}[/]")
     run_id = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return execute(spec, jobs, args.out or PROJECT_ROOT / "reports" / "out" / run_id, run_id, args.timeout)
+    return execute(spec, jobs, args.out or PROJECT_ROOT / "reports" / "out" / run_id, run_id, args.timeout,
+                   baseline=baseline, baseline_note=note)
 
 
 def command_sweep(args: argparse.Namespace) -> int:
@@ -193,6 +210,10 @@ def command_sweep(args: argparse.Namespace) -> int:
     jobs, left_out = plan_sweep(sweep, args.file, workloads)
     for item in left_out:
         console.print(f"[yellow]skipped[/] {escape(item)}")
+    try:
+        jobs, baseline, note = baseline_first(jobs, sweep.baseline)
+    except UsageError as exc:
+        raise sweep.located_error(("baseline",), str(exc).replace("--baseline ", "")) from None
     run_id = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     name = args.file.stem + (f"-{args.scale}" if args.scale else "")
     out = args.out or PROJECT_ROOT / "reports" / "out" / f"{name}-{run_id}"
@@ -218,7 +239,7 @@ def command_sweep(args: argparse.Namespace) -> int:
     if not jobs:
         console.print(f"all {total} cells of {args.file} already have ok records in {results_path}")
         return 0
-    return execute(spec, jobs, out, run_id, args.timeout, previous)
+    return execute(spec, jobs, out, run_id, args.timeout, previous, baseline, note)
 
 
 def command_list(args: argparse.Namespace) -> int:
@@ -268,7 +289,7 @@ def command_list(args: argparse.Namespace) -> int:
 
 
 def command_report(args: argparse.Namespace) -> int:
-    from harness.console import console, summary_table
+    from harness.console import console, relative_table, summary_table
     from reports.benchmarks import is_benchmark_json
     from reports.markdown import render_report
 
@@ -277,9 +298,14 @@ def command_report(args: argparse.Namespace) -> int:
         args.out = (args.out or args.results.parent) / f"{args.results.stem}.md"
         return command_compare(args)
     records = latest_per_cell(read_records(args.results))
+    if args.baseline and args.baseline not in {r["label"] for r in records if r["status"] == "ok"}:
+        raise UsageError(f"--baseline {args.baseline}: no ok record with that label in {args.results}")
     out = args.out or args.results.parent
     report = render_report(records, out, title=f"quantarena: {(records[0]['model'] or {}).get('name', '')}",
-                           sections=report_sections(records))
+                           sections=report_sections(records), baseline=args.baseline)
+    relative = relative_table(records, args.baseline)
+    if relative is not None:
+        console.print(relative)
     console.print(summary_table(records))
     console.print(f"report: {report}")
     return 0

@@ -47,6 +47,26 @@ def make_progress() -> Progress:
                     TimeElapsedColumn(), console=console, transient=False)
 
 
+def relative_table(records: list[dict[str, Any]], baseline: str | None = None) -> Table | None:
+    """Every row against the baseline (``reports.baseline``), flagged rows marked; None without a
+    baseline row."""
+    from reports.baseline import RELATIVE_COLUMNS, baseline_label, relative_cells, relative_rows
+    from reports.sanity import FLAG, sanity_flags
+
+    baseline = baseline_label(records, baseline)
+    if baseline is None:
+        return None
+    flags = sanity_flags(records, baseline)
+    table = Table(title=f"relative to {baseline} (report.md has the sanity flags' reasons)")
+    for column in RELATIVE_COLUMNS:
+        table.add_column(column, justify="left" if column == "backend" else "right")
+    for row in relative_rows(records, baseline):
+        cells = relative_cells(row)
+        cells[0] += f" {FLAG}" if row.label in flags else ""
+        table.add_row(*(escape(cell) for cell in cells))
+    return table
+
+
 def summary_table(records: list[dict[str, Any]]) -> Table:
     table = Table(title="quantarena summary (median ± std)")
     for column in SummaryRow.COLUMNS:

@@ -164,3 +164,39 @@ def check_variant(name: str, variant: str, options: dict[str, Any], availability
     """
     if availability.ok:
         backend_class(name)(variant, options)
+
+
+def default_baseline(jobs: list[Job]) -> str:
+    """The default baseline label: ``hf:fp16`` where the hf backend runs on CUDA, else ``hf:fp32``
+    (its ``device`` option, ``auto`` meaning CUDA when torch sees a device)."""
+    from backends.device import default_device
+
+    hf = next((job for job in jobs if job.backend == "hf"), None)
+    device = (hf.options.get("device") if hf else None) or "auto"
+    return "hf:fp16" if (default_device() if device == "auto" else device) == "cuda" else "hf:fp32"
+
+
+def baseline_first(jobs: list[Job], requested: str | None) -> tuple[list[Job], str | None, str | None]:
+    """Choose the run's baseline and put its job first (its wikitext2 cells store the
+    distributions the others are compared with, so it must run before them).
+
+    Args:
+        jobs: the planned jobs. requested: ``--baseline`` / the sweep's ``baseline:`` (a job label,
+            ``none``, or None for the default, ``default_baseline``).
+
+    Returns:
+        (the jobs, baseline first; the baseline label or None; when None, a note saying why).
+
+    Raises:
+        UsageError: ``requested`` names no job of the run.
+    """
+    labels = [job.label for job in jobs]
+    if requested == "none":
+        return jobs, None, "no baseline (--baseline none): no agreement metrics"
+    if requested and requested not in labels:
+        raise UsageError(f"--baseline {requested} is not a backend variant of this run; choose from "
+                         + ", ".join([*labels, "none"]))
+    label = requested or default_baseline(jobs)
+    if label not in labels:
+        return jobs, None, f"no baseline in this run (the default, {label}, is not in it): no agreement metrics"
+    return [job for job in jobs if job.label == label] + [job for job in jobs if job.label != label], label, None

@@ -7,6 +7,11 @@ Jobs run one after another (never concurrently: they would contend for the same 
 memory bandwidth and each would measure the other). A worker that crashes, is killed for memory
 or exceeds the per-cell timeout costs only its current cell: that cell is recorded as failed with
 the reason and a fresh worker continues with the variant's remaining cells.
+
+With a baseline (``RunConfig.baseline``, run first), every worker learns who the baseline is
+(``workloads.agreement.Comparison``: the baseline's wikitext2 cells write their distributions under
+``OUT/baseline/``, the others' read them), and every other record whose samples hold generated
+``token_ids`` gets ``metrics.generation_agreement`` against the baseline's record of the same cell.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from backends.models import ModelSpec
 from harness.env import fingerprint
 from harness.plan import Cell, Job, cell_key
 from reports.records import SCHEMA_VERSION, ResultsWriter, normalize, write_tables
+from workloads.agreement import Comparison, generation_agreement
 
 
 class Observer(Protocol):
@@ -50,6 +56,8 @@ class RunConfig:
     results_path: Path
     log_dir: Path
     cell_timeout_s: float = 3600.0
+    baseline: str | None = None  # the baseline's job label (``harness.plan.baseline_first``)
+    baseline_note: str | None = None  # why there is none
 
 
 def _pump(stream, events: queue.Queue) -> None:
@@ -77,11 +85,14 @@ class Runner:
         self.writer = ResultsWriter(config.results_path)
         self.env = fingerprint()
         config.log_dir.mkdir(parents=True, exist_ok=True)
+        self._baseline_records: dict[tuple[str, str], dict[str, Any]] = {}  # (workload, params) -> record
 
     def run(self, jobs: list[Job], previous: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
         """Run ``jobs`` in order; returns their records. ``previous``: records already in the
         results file (a resumed sweep), kept in the CSV/SQLite tables beside the new ones."""
         records: list[dict[str, Any]] = []
+        for record in previous:
+            self._remember_baseline(record)
         for job in jobs:
             records.extend(self.run_job(job))
             write_tables([*previous, *records], self.config.results_path.parent)
@@ -110,10 +121,38 @@ class Runner:
             "started_at": started_at,
             "duration_s": data.pop("duration_s", None),
         }
+        self._add_generation_agreement(record)
         record = normalize(record)
+        self._remember_baseline(record)
         self.writer.append(record)
         self.observer.cell_finished(job, cell, record)
         return record
+
+    @staticmethod
+    def _cell_of(record: dict[str, Any]) -> tuple[str, str]:
+        return record["workload"], json.dumps(record.get("params") or {}, sort_keys=True)
+
+    def _remember_baseline(self, record: dict[str, Any]) -> None:
+        if record.get("label") == self.config.baseline and record.get("status") == "ok":
+            self._baseline_records[self._cell_of(record)] = record
+
+    def _add_generation_agreement(self, record: dict[str, Any]) -> None:
+        """``metrics.generation_agreement`` of a record holding generated ``samples.token_ids``
+        (latency), against the baseline's record of the same workload and parameters: the
+        identical-token share and the first divergent token (``generation_agreement``), or a note."""
+        tokens = record["samples"].get("token_ids")
+        if record["status"] != "ok" or not tokens or record["label"] == self.config.baseline:
+            return
+        if self.config.baseline is None:
+            record["metrics"]["generation_agreement"] = {"note": self.config.baseline_note or "no baseline in this run"}
+            return
+        base = self._baseline_records.get(self._cell_of(record))
+        agreement: dict[str, Any] = {"baseline": self.config.baseline}
+        if base is None or not base["samples"].get("token_ids"):
+            agreement["note"] = "the baseline has no ok record of this cell"
+        else:
+            agreement.update(generation_agreement(tokens, base["samples"]["token_ids"]))
+        record["metrics"]["generation_agreement"] = agreement
 
     def run_job(self, job: Job) -> list[dict[str, Any]]:
         now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -132,7 +171,9 @@ class Runner:
         """Run ``cells`` in one worker; returns records for a prefix of them (at least one)."""
         log_path = self.config.log_dir / f"{job.backend}-{job.variant}.log"
         payload = {"backend": job.backend, "variant": job.variant, "options": job.options,
-                   "model": self.config.model.to_dict(), "cells": [c.__dict__ for c in cells]}
+                   "model": self.config.model.to_dict(), "cells": [c.__dict__ for c in cells],
+                   "comparison": Comparison(self.config.baseline, job.label == self.config.baseline,
+                                            str(self.config.results_path.parent), self.config.baseline_note).to_dict()}
         with log_path.open("a") as log:
             proc = subprocess.Popen([sys.executable, "-m", "harness.worker"], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=log, text=True)

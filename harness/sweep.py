@@ -43,12 +43,18 @@ class SweepSpec(BaseModel):
     backend_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     axes: dict[str, list[Any]] = Field(default_factory=dict)
     link: list[list[str]] = Field(default_factory=list)
+    baseline: str | None = Field(None, description="the NAME:VARIANT label the others are compared with, as "
+                                 "run --baseline ('none': no comparison; default hf:fp32 on CPU, hf:fp16 on CUDA)")
     scales: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="named scales (e.g. full: a GPU-size study): keys that replace the top-level ones")
     _where: Any = PrivateAttr(default=None)  # the file and its YAML nodes, for errors with lines
 
     def workload_sections(self) -> dict[str, dict[str, Any]]:
         return dict(self.model_extra or {})
+
+    def located_error(self, keys: tuple, message: str) -> "SweepError":
+        """``SweepError("FILE:LINE: KEY: message")`` for a problem found after loading."""
+        return (self._where or _Located(Path("sweep"), None)).error(keys, message)
 
 
 def _line_of(root, path: tuple) -> int | None:

@@ -41,6 +41,7 @@ def main() -> int:
     job = json.load(sys.stdin)
     from backends.base import backend_class
     from backends.models import ModelSpec, load_tokenizer
+    from workloads.agreement import Comparison
     from workloads.registry import load_workload
 
     spec = ModelSpec.from_dict(job["model"])
@@ -58,6 +59,8 @@ def main() -> int:
         emit("cell_start", cell_id=cell["cell_id"])
         workload_cls = load_workload(cell["workload_path"])
         workload = workload_cls(workload_cls.Params.from_dict(cell["params"]))
+        if job.get("comparison"):
+            workload.comparison = Comparison.from_dict(job["comparison"])
         started = time.perf_counter()
         try:
             result = workload.run(

@@ -11,7 +11,9 @@ from typing import Any
 
 from typing import Callable, Sequence
 
+from reports.baseline import RELATIVE_COLUMNS, baseline_label, relative_cells, relative_rows
 from reports.plots import plot_all
+from reports.sanity import FLAG, mark, sanity_flags
 from reports.table import MB, SummaryRow, headline_latency, summary_rows
 
 # A workload's report section: (records, output folder) -> markdown lines (empty: no section).
@@ -79,24 +81,54 @@ def _info_rows(records: list[dict[str, Any]]) -> list[list[str]]:
             continue
         seen.add(r["label"])
         kv = info.get("kv_cache") or {}
+        quant = info.get("quantization") or {}
+        # which weight matrices are quantized / kept (backends' weight_groups), so weight MB
+        # compares like with like (e.g. embedding and lm_head quantized by mlc, fp32 in bnb)
+        groups = ("; ".join(f"{key}: {', '.join(quant[key]) or 'none'}" for key in ("quantized", "kept")
+                            if isinstance(quant.get(key), list)) or "-")
         rows.append([r["label"], str(info.get("device", "-")), str(info.get("threads", "-")),
                      str(info.get("compute_dtype", "-")), str(info.get("attn_implementation", "-")),
                      json.dumps(kv, sort_keys=True) if kv else "-",
-                     json.dumps((info.get("quantization") or {}).get("config") or
-                                (info.get("quantization") or {}).get("format", "-"))])
+                     json.dumps(quant.get("config") or quant.get("format", "-")), groups])
     return rows
 
 
+def _relative_section(records: list[dict[str, Any]], baseline: str | None, flags: dict[str, list[str]]) -> list[str]:
+    """The table the summary leads with: every row against the baseline (``reports.baseline``)."""
+    if baseline is None:
+        return ["No baseline row in these results (`--baseline LABEL`; default `hf:fp32` on CPU, "
+                "`hf:fp16` on CUDA), so no relative columns.", ""]
+    rows = relative_rows(records, baseline)
+    cells = []
+    for row in rows:
+        line = relative_cells(row)
+        if row.label in flags:
+            line[0] += f" {FLAG}"
+        cells.append(line)
+    return [f"Relative to the baseline **`{baseline}`**: speed ratios at the headline shape (x > 1: faster), "
+            "bytes saved (weights as stored; model-resident host memory), perplexity change paired over the "
+            "same scored tokens with a block-bootstrap 95% CI and p-value, KL divergence and top-1 agreement "
+            "with the baseline's distributions, greedy-token agreement and first divergent token (FDT) on the "
+            "latency prompts, decode rate as % of the memory-bandwidth roofline (`docs/metrics.md`).", "",
+            md_table(RELATIVE_COLUMNS, cells), ""]
+
+
 def render_report(records: list[dict[str, Any]], out_dir: Path, title: str = "quantarena report",
-                  sections: Sequence[Section] = ()) -> Path:
-    """Write ``report.md`` (and PNG plots beside it) into ``out_dir``; returns the report path.
+                  sections: Sequence[Section] = (), baseline: str | None = None) -> Path:
+    """Write ``report.md`` (and PNG figures with their CSVs beside it) into ``out_dir``; returns
+    the report path.
 
     Args:
         records: schema-2 records (``reports.records``).
         sections: each workload's ``report_section``, rendered in order after the summary.
+        baseline: the label rows are compared with (default: ``reports.baseline.baseline_label``).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    baseline = baseline_label(records, baseline)
+    flags = sanity_flags(records, baseline)
+    relative = _relative_section(records, baseline, flags)
+    records = mark(records, flags)  # every table and figure below shows the flag beside the label
     rows: list[SummaryRow] = summary_rows(records)
     model = _first(records, "model") or {}
     env = _first(records, "env") or {}
@@ -110,7 +142,11 @@ def render_report(records: list[dict[str, Any]], out_dir: Path, title: str = "qu
     if shape:
         parts.append(f"Latency columns at n_in={shape['n_in']}, n_out={shape['n_out']}, "
                      f"batch={shape['batch']}; median ± standard deviation over repetitions.\n")
+    parts += relative + ["Absolute values:", ""]
     parts.append(md_table(list(SummaryRow.COLUMNS), [r.cells() for r in rows]))
+    if flags:
+        parts += ["", f"### Sanity flags ({FLAG})", "", "Thresholds: `docs/metrics.md`, \"Sanity flags\".", ""]
+        parts += [f"- `{label}`: " + "; ".join(reasons) for label, reasons in flags.items()]
     for section in sections:
         lines = section(records, out_dir)
         if lines:
@@ -121,7 +157,8 @@ def render_report(records: list[dict[str, Any]], out_dir: Path, title: str = "qu
     info = _info_rows(records)
     if info:
         parts += ["", "## Backend configuration", "",
-                  md_table(["backend", "device", "threads", "compute", "attention", "KV cache", "quantization"], info)]
+                  md_table(["backend", "device", "threads", "compute", "attention", "KV cache", "quantization",
+                            "weights quantized / kept"], info)]
     failures = [r for r in records if r["status"] != "ok"]
     if failures:
         parts += ["", "## Failures", ""]

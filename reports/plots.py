@@ -83,7 +83,7 @@ def latency_frame(records: list[dict[str, Any]]) -> "pd.DataFrame":
                "sliding_window": options.get("sliding_window"), "attention_sink": options.get("attention_sink")}
         for key in ("ttft_ms", "e2e_ms", "prefill_tok_s", "decode_tok_s"):
             row[key], row[key + "_std"] = _stat(m, key)
-        peak = peak_bytes(m)
+        peak = peak_bytes(m, r.get("info"))
         row["peak_mb"] = peak / MB if peak else None
         row["kv_mb"] = m["kv_cache_bytes"] / MB if m.get("kv_cache_bytes") else None
         rows.append(row)
@@ -106,7 +106,7 @@ def quality_frame(records: list[dict[str, Any]]) -> "pd.DataFrame":
             row["ppl_protocol"] = r["metrics"].get("protocol")
         elif r["workload"] == "latency" and r["params"] == shape:
             row["decode_tok_s"], row["decode_tok_s_std"] = _stat(r["metrics"], "decode_tok_s")
-            peak = peak_bytes(r["metrics"])
+            peak = peak_bytes(r["metrics"], r.get("info"))
             row["peak_mb"] = peak / MB if peak else None
             kv, tokens = r["metrics"].get("kv_cache_bytes_prefill"), r["metrics"].get("kv_cache_tokens_prefill")
             row["kv_bytes_per_token"] = kv / tokens if kv and tokens else None

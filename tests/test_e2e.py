@@ -33,9 +33,24 @@ def test_perplexity_is_a_real_language_model_and_nf4_costs_quality(smollm2_run):
     ppl = {r["label"]: r["metrics"] for r in records if r["workload"] == "wikitext2"}
     # a random model over a 49k vocabulary would score ~49152; SmolLM2 is in the teens
     assert 5 < ppl["hf:fp32"]["ppl"] < 40
-    assert ppl["hf:fp32"]["n_tokens"] == 1023
+    assert ppl["hf:fp32"]["n_tokens"] == 1024  # BOS first (SmolLM2's tokenizer adds one): every token scored
     assert ppl["bnb:nf4"]["ppl"] > ppl["hf:fp32"]["ppl"]
     assert ppl["bnb:nf4"]["ppl"] < 2 * ppl["hf:fp32"]["ppl"]
+
+
+def test_nf4_is_compared_with_the_fp32_baseline_on_the_same_tokens(smollm2_run):
+    _, _, records = smollm2_run
+    ppl = {r["label"]: r for r in records if r["workload"] == "wikitext2"}
+    base, nf4 = ppl["hf:fp32"]["metrics"]["agreement"], ppl["bnb:nf4"]["metrics"]["agreement"]
+    assert base["baseline"] == "hf:fp32" and base["store"].startswith("baseline/")
+    assert nf4["baseline"] == "hf:fp32" and nf4["n_tokens"] == 1024
+    assert 0 < nf4["kld_mean"] < 1 and nf4["kld_median"] <= nf4["kld_p99"] <= nf4["kld_max"]
+    assert 50 < nf4["top1_pct"] < 100 and nf4["rms_dp_pct"] > 0
+    # ln(PPL(q)/PPL(base)) is the paired mean of the NLL differences: the two perplexities' log ratio
+    assert nf4["ln_ppl_ratio"] == pytest.approx(
+        ppl["bnb:nf4"]["metrics"]["mean_nll"] - ppl["hf:fp32"]["metrics"]["mean_nll"], rel=1e-6)
+    latency = {r["label"]: r for r in records if r["workload"] == "latency"}
+    assert 0 <= latency["bnb:nf4"]["metrics"]["generation_agreement"]["fdt_min"] <= 8
 
 
 def test_nf4_weights_are_smaller(smollm2_run):

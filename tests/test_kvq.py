@@ -93,10 +93,10 @@ def test_residual_is_flushed_into_the_quantized_store(kvq):
 
 
 def _filled_cache(backend, n_tokens=40):
-    from backends.kvq.scoring import cached_logprobs
+    from backends.kvq.scoring import cached_logits
 
     cache = backend.new_cache()
-    cached_logprobs(backend.model, cache, list(range(100, 100 + n_tokens)), 1, backend.score_chunk, backend.device)
+    cached_logits(backend.model, cache, list(range(100, 100 + n_tokens)), 1, backend.score_chunk, backend.device)
     return cache
 
 

@@ -102,6 +102,26 @@ def test_kv_bytes_grow_with_cached_tokens_and_match_the_fp16_formula(loaded):
     assert out.extra["kv_cache_bytes"] == pytest.approx(out.extra["kv_cache_bytes_fp16_analytic"], rel=0.1)
 
 
+def test_start_precedes_context_sizing_and_kv_clearing(loaded, monkeypatch):
+    """The TTFT origin (``Backend.generate``'s ``request.start_s``) comes before the per-request
+    state (context sizing, clearing the KV cache), as for every backend."""
+    import time
+
+    backend, _ = loaded("f32")
+    calls = []
+    for name in ("_ensure_context", "_clear"):
+        original = getattr(backend, name)
+
+        def probe(*args, _original=original, _name=name):
+            calls.append((_name, time.perf_counter()))
+            return _original(*args)
+
+        monkeypatch.setattr(backend, name, probe)
+    out = backend.generate([PROMPT], 3, min_new_tokens=3)
+    assert [name for name, _ in calls] == ["_ensure_context", "_clear"]
+    assert out.start_s < calls[0][1] and calls[-1][1] < out.step_times_s[0]
+
+
 def test_bad_options_are_one_line_errors():
     with pytest.raises(BackendError, match="llamacpp: option type_k='q5_1': Input should be 'f16', 'q8_0' or 'q4_0'"):
         backend_class("llamacpp")("q4_0", {"type_k": "q5_1"})

@@ -208,6 +208,27 @@ def test_quantized_kernels_equal_numpy_fake_quantized_transformers(variant, mlc_
     assert report.weight_bytes < (ratio + 0.02) * mlc_f32[1].weight_bytes
 
 
+def test_start_precedes_kv_cache_and_sequence_creation(mlc_f32, monkeypatch):
+    """The TTFT origin (``Backend.generate``'s ``request.start_s``) comes before the paged cache is
+    fetched / created and the sequences are added, as for every backend."""
+    import time
+
+    backend, _ = mlc_f32
+    session = backend.session
+    calls = []
+    for name in ("cache", "add_sequence"):
+        original = getattr(session, name)
+
+        def probe(*args, _original=original, _name=name):
+            calls.append((_name, time.perf_counter()))
+            return _original(*args)
+
+        monkeypatch.setattr(session, name, probe)
+    out = backend.generate(PROMPTS[:2], 3, min_new_tokens=3)
+    assert [name for name, _ in calls] == ["cache", "add_sequence", "add_sequence"]
+    assert out.start_s < calls[0][1] and calls[-1][1] < out.step_times_s[0]
+
+
 def test_paged_cache_several_sequences_equal_one_at_a_time(mlc_f32):
     backend, _ = mlc_f32
     together = backend.generate(PROMPTS, 8, min_new_tokens=8)
@@ -232,7 +253,10 @@ def test_sliding_window_with_sink_bounds_the_cache(tiny_model, mlc_f32):
     prompt = list(range(3000, 3040))
     out = windowed.generate([prompt], 20, min_new_tokens=20)
     assert len(out.token_ids[0]) == 20
-    assert out.extra["kv_cache_bytes"] <= 32 * windowed.session.kv_bytes_per_token
+    # pages TVM allocated: the sink's own page plus the window, which can straddle two 16-token pages
+    # (our own count, ceil((16 + 4) / 16) = 2 pages, is a lower bound under a sliding window)
+    assert out.extra["kv_cache_bytes"] <= 3 * 16 * windowed.session.kv_bytes_per_token
+    assert out.extra["kv_cache_pages_analytic"] * windowed.session.page_bytes <= out.extra["kv_cache_bytes"]
     full = mlc_f32[0].generate([prompt], 20, min_new_tokens=20)
     assert full.extra["kv_cache_bytes"] >= 60 * windowed.session.kv_bytes_per_token
     with pytest.raises(BackendError, match="attention_sink"):

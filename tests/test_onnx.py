@@ -149,6 +149,33 @@ def test_decode_is_incremental(fp32, monkeypatch):
     assert seen[1:] == [((1, 1), False, (1, 6 + k)) for k in (1, 2, 3)]
 
 
+def test_prefill_computes_and_copies_only_the_last_positions_logits(fp32, hf, monkeypatch):
+    """The graph's lm_head runs on the last prompt position only at prefill ([batch, 1, vocab]
+    comes out of the session, not [batch, n_in, vocab]); tokens still equal transformers'; scoring
+    still gets every position."""
+    backend, _ = fp32
+    session = backend.session
+    produced = []
+
+    class Recording:  # the real session; records the shape of the logits each run produced
+        def __getattr__(self, name):
+            return getattr(session, name)
+
+        def run_with_iobinding(self, binding, *args):
+            session.run_with_iobinding(binding, *args)
+            produced.append(tuple(binding.get_outputs()[0].shape()))
+
+    monkeypatch.setattr(backend, "session", Recording())
+    out = backend.generate(PROMPTS, 4, min_new_tokens=4)
+    vocab = produced[0][-1]
+    assert vocab == backend.special.vocab_size
+    assert produced == [(2, 1, vocab)] * 4  # prefill (2 prompts of up to 6 tokens), then 3 decode steps
+    assert out.token_ids == hf.generate(PROMPTS, 4, min_new_tokens=4).token_ids
+    produced.clear()
+    backend.loglikelihood([WINDOW])
+    assert produced == [(1, len(WINDOW.token_ids), vocab)]
+
+
 def test_stop_tokens_and_min_new_tokens(fp32):
     backend, _ = fp32
     first = backend.generate([PROMPTS[0]], 4, min_new_tokens=4).token_ids[0][0]

@@ -10,7 +10,7 @@ from backends.base import backend_class
 from backends.models import load_tokenizer
 from workloads.base import WorkloadError
 from workloads.data import wikitext2_token_ids
-from workloads.wikitext2 import WikiText2Workload, WikiTextParams, sliding_windows
+from workloads.wikitext2 import WikiText2Workload, WikiTextParams, adds_bos, sliding_windows
 
 
 def test_windows_score_every_token_once():
@@ -59,16 +59,33 @@ def _direct_ppl(model, ids, context, stride):
     return math.exp(nll_sum / count), count
 
 
-def test_workload_matches_direct_computation(tiny_hf, tiny_model, data_dir, monkeypatch):
+def test_workload_without_bos_matches_direct_computation(tiny_hf, tiny_model, data_dir, monkeypatch):
     monkeypatch.setenv("HARNESS_DATA_DIR", str(data_dir))
     tokenizer = load_tokenizer(tiny_model)
-    params = WikiTextParams(context=128, stride=64, max_eval_tokens=600)
+    params = WikiTextParams(context=128, stride=64, max_eval_tokens=600, bos="no")
     result = WikiText2Workload(params).run(tiny_hf, tokenizer, lambda d, t: None)
     ids = list(wikitext2_token_ids(tokenizer)[:600])
     expected, count = _direct_ppl(tiny_hf.model, ids, 128, 64)
     assert result.metrics["n_tokens"] == count == 599
     assert result.metrics["ppl"] == pytest.approx(expected, rel=1e-4)
     assert len(result.samples["window_mean_nll"]) == result.metrics["n_windows"]
+    assert result.metrics["protocol"].endswith("600 tokens, no BOS (--ppl-bos no)")
+
+
+def test_default_puts_one_bos_before_the_text_as_the_guide_tokenizer_does(tiny_hf, tiny_model, data_dir,
+                                                                          monkeypatch):
+    monkeypatch.setenv("HARNESS_DATA_DIR", str(data_dir))
+    tokenizer = load_tokenizer(tiny_model)
+    assert adds_bos(tokenizer)  # the SmolLM2 tokenizer puts its BOS in front of text
+    guide_ids = tokenizer("\n\n".join(["a b", "c"]))["input_ids"]
+    assert guide_ids[0] == tokenizer.bos_token_id and guide_ids.count(tokenizer.bos_token_id) == 1
+    result = WikiText2Workload(WikiTextParams(context=128, stride=64, max_eval_tokens=600)).run(
+        tiny_hf, tokenizer, lambda d, t: None)
+    ids = [tokenizer.bos_token_id] + list(wikitext2_token_ids(tokenizer)[:600])
+    expected, count = _direct_ppl(tiny_hf.model, ids, 128, 64)
+    assert result.metrics["n_tokens"] == count == 600  # every text token is scored, the first after BOS
+    assert result.metrics["ppl"] == pytest.approx(expected, rel=1e-4)
+    assert result.metrics["protocol"].endswith("600 tokens, BOS first")
 
 
 def test_single_window_equals_one_forward(tiny_hf):

@@ -9,7 +9,7 @@ from backends.models import load_tokenizer
 from workloads.base import WorkloadError
 from workloads.squad import (SquadParams, SquadQuestion, SquadWorkload, build_prompt, clean_output,
                              few_shot_examples, load_squad, parse_squad_file, stratified_sample)
-from workloads.squad_scoring import (aggregate, compute_exact, compute_f1, normalize_answer,
+from workloads.squad_scoring import (aggregate, compute_exact, compute_f1, is_empty_output, normalize_answer,
                                      score_prediction)
 
 
@@ -43,7 +43,7 @@ def test_unanswerable_questions():
     assert score_prediction([], "unanswerable") == (1, 1.0)         # abstained correctly
     assert score_prediction([], "Unanswerable.") == (1, 1.0)        # any case, punctuation
     assert score_prediction([], "Paris") == (0, 0.0)                # answered an unanswerable one
-    assert score_prediction([], "") == (1, 1.0)                     # empty prediction = abstain
+    assert score_prediction([], "") == (0, 0.0)                     # empty output: not an abstention
     assert score_prediction(["Paris"], "unanswerable") == (0, 0.0)  # abstained on an answerable one
 
 
@@ -53,7 +53,51 @@ def test_empty_prediction_on_answerable():
 
 
 def test_gold_that_normalizes_to_empty_counts_as_no_answer():
-    assert score_prediction(["the", "."], "") == (1, 1.0)
+    assert score_prediction(["the", "."], "unanswerable") == (1, 1.0)
+    assert score_prediction(["the", "."], "") == (0, 0.0)
+
+
+def test_empty_output_is_not_an_abstention_only_the_explicit_word_is():
+    """Generation that stops at a leading newline yields an empty answer: wrong on NoAns too."""
+    stopped_at_newline = clean_output("\n")
+    assert stopped_at_newline == "" and is_empty_output(stopped_at_newline)
+    assert score_prediction([], stopped_at_newline) == (0, 0.0)
+    assert score_prediction([], "The.") == (0, 0.0)      # normalises to empty: no answer text
+    assert score_prediction([], "Unanswerable") == (1, 1.0) and not is_empty_output("Unanswerable")
+
+
+def test_aggregate_counts_empty_outputs_and_gives_them_no_noans_credit():
+    outputs = [(["Paris"], "Paris"), (["Paris"], ""), ([], "unanswerable"), ([], ""), ([], "\n")]
+    rows = []
+    for answers, text in outputs:
+        answer = clean_output(text)
+        em, f1 = score_prediction(answers, answer)
+        rows.append({"em": em, "f1": f1, "has_answer": bool(answers), "empty": is_empty_output(answer)})
+    m = aggregate(rows)
+    assert m["empty_outputs"] == 3
+    assert m["NoAns_accuracy_pct"] == pytest.approx(100 / 3)  # only the explicit abstention
+    assert m["HasAns_exact_pct"] == 50.0
+
+
+def test_report_section_says_how_many_outputs_were_empty(tmp_path):
+    def record(label, empty, predictions):
+        metrics = {"exact_pct": 50.0, "f1_pct": 50.0, "f1_pct_ci95": [40.0, 60.0], "HasAns_exact_pct": 50.0,
+                   "HasAns_f1_pct": 50.0, "NoAns_accuracy_pct": 50.0, "total": 4, "HasAns_total": 2,
+                   "NoAns_total": 2, "prompt_version": "p", "shots": 0, "seed": 0, "chat_template": True,
+                   "prompt_example": "x"}
+        if empty is not None:
+            metrics["empty_outputs"] = empty
+        return {"label": label, "workload": "squad", "status": "ok", "metrics": metrics,
+                "samples": {"predictions": predictions}}
+
+    base = [{"id": "a", "normalized": "", "empty": False, "em": 1, "f1": 1.0},  # the abstention
+            {"id": "b", "normalized": "paris", "empty": False, "em": 1, "f1": 1.0}]
+    other = [{"id": "a", "normalized": None, "empty": True, "em": 0, "f1": 0.0},  # an empty output
+             {"id": "b", "normalized": "paris", "empty": False, "em": 1, "f1": 1.0}]
+    text = "\n".join(SquadWorkload.report_section(
+        [record("hf:fp32", 0, base), record("bnb:nf4", 3, other), record("old:row", None, base)], tmp_path))
+    assert "Empty outputs: hf:fp32 0/4, bnb:nf4 3/4, old:row not recorded." in text
+    assert "| bnb:nf4 |" in text and "50.0%" in text  # an empty output does not agree with an abstention
 
 
 def test_aggregate_splits_hasans_noans():
@@ -127,3 +171,5 @@ def test_workload_runs_on_tiny_model(tiny_model, data_dir, monkeypatch):
     assert result.metrics["HasAns_total"] + result.metrics["NoAns_total"] == 6
     for row in preds:
         assert 0 <= row["f1"] <= 1 and row["em"] in (0, 1) and "\n" not in row["answer"]
+    assert result.metrics["empty_outputs"] == sum(row["empty"] for row in preds)
+    assert all(row["em"] == 0 for row in preds if row["empty"])

@@ -4,6 +4,7 @@ and resume after a sweep was killed mid-run."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -127,7 +128,7 @@ def test_resume_after_a_kill_runs_only_missing_and_failed_cells_without_duplicat
     assert first["cell_key"] in {r["cell_key"] for r in rerun}  # the failed cell was retried
     assert read_records(out / "results.csv") == records
     report = (out / "report.md").read_text()
-    assert report.count("| hf:fp32 | 48 |") == 1  # the report shows each cell once
+    assert len(re.findall(r"\| hf:fp32( ⚠)? \| 48 \|", report)) == 1  # the report shows each cell once
     assert main(["sweep", str(path), "--out", str(out), "--resume"]) == 0  # nothing left: runs nothing
     assert len(read_records(results)) == len(records)
 
@@ -185,3 +186,17 @@ def test_every_recipe_plans_at_cpu_and_full_scale(recipe):
         jobs, _ = plan_sweep(spec, recipe, spec.workloads)
         assert sum(len(job.cells) for job in jobs) > 1
     assert load_sweep(recipe, "full").model == "llama3-8b"
+
+
+def test_the_sweep_baseline_runs_first_and_an_unknown_one_names_its_line(tmp_path, capsys):
+    from harness.plan import baseline_first
+
+    path = write(tmp_path, "backends: [hf:fp32, kvq:fp16]\nworkloads: [latency]\nbaseline: kvq:fp16\n")
+    spec = load_sweep(path)
+    jobs, _ = plan_sweep(spec, path, spec.workloads)
+    ordered, label, note = baseline_first(jobs, spec.baseline)
+    assert (label, note) == ("kvq:fp16", None) and [j.label for j in ordered] == ["kvq:fp16", "hf:fp32"]
+    path.write_text("backends: [hf:fp32]\nworkloads: [latency]\nbaseline: hf:bogus\n")
+    assert main(["sweep", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{path}:3: baseline:" in err and "hf:bogus" in err and len(err.splitlines()) == 1

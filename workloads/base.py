@@ -118,6 +118,9 @@ class Workload(abc.ABC):
 
     def __init__(self, params: WorkloadParams):
         self.params = params
+        # Set by the harness worker: the run's baseline (``workloads.agreement.Comparison``), for
+        # workloads that compare with it (wikitext2); None outside the harness.
+        self.comparison = None
 
     # --- declaration: command line, cells, checks --------------------------------------------
     @classmethod

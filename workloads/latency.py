@@ -5,6 +5,9 @@ exactly ``n_in`` tokens (token ids are handed to backends directly, so no re-tok
 change the count); every generation is greedy with ``min_new_tokens = max_new_tokens = n_out``, so
 every backend produces the same number of tokens. ``warmup`` untimed runs, then ``repetitions``
 timed ones; each metric is summarised over repetitions (``workloads.metrics.summarize``).
+``samples.token_ids`` keeps the generated tokens of the first timed repetition (``[batch][n_out]``),
+from which the runner adds ``metrics.generation_agreement`` with the baseline's
+(``workloads.agreement.generation_agreement``).
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ class LatencyWorkload(Workload):
         Metric("prefill_tok_s", "tok/s", "higher", "batch x n_in / TTFT"),
         Metric("decode_tok_s", "tok/s", "higher", "batch x (n_out - 1) / (e2e - TTFT)"),
         Metric("peak_rss_bytes", "bytes", "lower", "peak resident memory of the worker process"),
+        Metric("working_peak_rss_bytes", "bytes", "lower",
+               "inference working memory: peak RSS during the cell minus RSS at its start"),
         Metric("kv_cache_bytes", "bytes", "lower", "KV cache at the end of generation"),
     )
 
@@ -76,7 +81,10 @@ class LatencyWorkload(Workload):
         parts: list[str] = []
         rows = latency_rows(records)
         if rows:
-            parts += ["## Latency, every shape", "", "median (p90)", "", md_table(LATENCY_COLUMNS, rows)]
+            parts += ["## Latency, every shape", "",
+                      "median (p90). working MB: peak RSS during the cell minus RSS at its start. Decode "
+                      "% of roofline: decode tok/s over B x bandwidth / (weight bytes + KV bytes at the "
+                      "mean decode position) (docs/metrics.md).", "", md_table(LATENCY_COLUMNS, rows)]
         kv_header, kv_rows = kv_context_table(records)
         if kv_rows:
             parts += ["", "## KV-cache MB vs context length", "",
@@ -107,6 +115,8 @@ class LatencyWorkload(Workload):
                 runs.append(generation_timings(out.start_s, out.step_times_s, p.n_in, p.batch))
                 itl.extend(inter_token_latencies_ms(out.step_times_s))
                 extras.append({"steps_ms": [(t - out.start_s) * 1e3 for t in out.step_times_s], **out.extra})
+                if len(runs) == 1:  # the greedy tokens, for agreement with the baseline's (same prompts)
+                    token_ids = [list(map(int, row)) for row in out.token_ids]
         metrics = {key: summarize([r[key] for r in runs]) for key in TIMING_KEYS}
         metrics["itl_ms"] = summarize(itl)
         memory = {**sampler.result(), **backend.memory()}
@@ -115,7 +125,7 @@ class LatencyWorkload(Workload):
         if kv:
             metrics["kv_cache_bytes"] = max(kv)
             for key in ("kv_cache_bytes_prefill", "kv_cache_tokens_prefill", "kv_cache_bytes_fp16_analytic",
-                        "kv_cache_tokens"):
+                        "kv_cache_tokens", "kv_cache_reserved_bytes"):
                 if key in extras[-1]:
                     metrics[key] = extras[-1][key]
-        return WorkloadResult(metrics, {"runs": runs, "generations": extras})
+        return WorkloadResult(metrics, {"runs": runs, "generations": extras, "token_ids": token_ids})

@@ -20,7 +20,8 @@ import numpy as np
 
 from workloads.base import Metric, Progress, Workload, WorkloadError, WorkloadParams, WorkloadResult, param
 from workloads.data import ENV_VAR, SQUAD_GLOB, data_dir
-from workloads.squad_scoring import ABSTAIN_WORD, aggregate, normalize_answer, score_prediction
+from workloads.squad_scoring import (ABSTAIN_WORD, aggregate, is_empty_output, normalize_answer, prediction_answer,
+                                     score_prediction)
 
 PROMPT_VERSION = "squad-v2-prompt-1"
 INSTRUCTION = (
@@ -197,7 +198,9 @@ class SquadWorkload(Workload):
         Metric("exact_pct", "%", "higher", "exact match (official SQuAD v2.0 normalisation)"),
         Metric("f1_pct", "%", "higher", "token F1"),
         Metric("HasAns_f1_pct", "%", "higher", "F1 on answerable questions"),
-        Metric("NoAns_accuracy_pct", "%", "higher", "abstentions on unanswerable questions"),
+        Metric("NoAns_accuracy_pct", "%", "higher",
+               f"explicit abstentions (\"{ABSTAIN_WORD}\") on unanswerable questions; an empty output is wrong"),
+        Metric("empty_outputs", "outputs", "lower", "outputs with no answer text (e.g. stopped at a leading newline)"),
     )
 
     @classmethod
@@ -212,11 +215,17 @@ class SquadWorkload(Workload):
         header, rows, base, example = squad_section(records)
         if not rows:
             return []
-        first = next(r for r in records if r["workload"] == cls.name and r["status"] == "ok")["metrics"]
+        ok = [r for r in records if r["workload"] == cls.name and r["status"] == "ok"]
+        first = ok[0]["metrics"]
+        empty = ", ".join(f"{r['label']} {r['metrics']['empty_outputs']}/{r['metrics']['total']}"
+                          if "empty_outputs" in r["metrics"] else f"{r['label']} not recorded" for r in ok)
         return ["## SQuAD v2.0 (generative QA)", "",
                 f"Official v2.0 scoring (x100). Prompt `{first['prompt_version']}`, {first['shots']}-shot, "
                 f"seed {first['seed']}, chat template: {'yes' if first['chat_template'] else 'no'}. "
                 f"Agreement: share of questions whose normalised answer equals {base}'s.", "",
+                f"Only the explicit \"{ABSTAIN_WORD}\" counts as an abstention (NoAns credit); an empty "
+                f"output (no answer text, e.g. generation stopped at a leading newline) is scored wrong on "
+                f"every question. Empty outputs: {empty}.", "",
                 md_table(header, rows), "", "<details><summary>Example prompt</summary>", "",
                 "```text", example or "", "```", "", "</details>"]
 
@@ -242,11 +251,14 @@ class SquadWorkload(Workload):
         for i, q in enumerate(sample):
             answer = clean_output(outputs[i])
             em, f1 = score_prediction(q.answers, answer)
+            empty = is_empty_output(answer)
+            # normalized: the answer as scored ("" = the abstention); None = an empty output, which is
+            # no answer at all, so it never agrees with an abstention
             rows.append({"id": q.qid, "has_answer": q.has_answer,
                          "prompt_sha256": hashlib.sha256(prompts[i].encode()).hexdigest()[:16],
                          "output": outputs[i], "answer": answer,
-                         "normalized": normalize_answer("" if normalize_answer(answer) == ABSTAIN_WORD else answer),
-                         "em": em, "f1": f1})
+                         "normalized": None if empty else normalize_answer(prediction_answer(answer)),
+                         "empty": empty, "em": em, "f1": f1})
         metrics = aggregate(rows)
         metrics.update(prompt_version=PROMPT_VERSION, shots=p.shots, seed=p.seed,
                        prompt_example=prompts[0], chat_template=bool(getattr(tokenizer, "chat_template", None)))

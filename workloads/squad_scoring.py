@@ -7,6 +7,12 @@ https://rajpurkar.github.io/SQuAD-explorer/) does it, plus bootstrap confidence 
   is the empty string, so it scores 1 exactly when the prediction normalises to empty.
 - A prediction of "unanswerable" (any case, any surrounding punctuation) counts as the empty
   answer (our prompt asks for that word instead of an empty string).
+- Deviation from the official script: only that explicit abstention counts as "no answer". An
+  output that normalises to empty (nothing generated before the first newline, or only
+  punctuation / articles) is not an abstention: it scores 0 on every question, NoAns included,
+  and is counted (``empty_outputs``). In the official script, written for extractive systems, an
+  empty prediction is how a system abstains; a generative model that stops at a leading newline
+  has not abstained, and crediting it would reward broken generation on NoAns.
 """
 
 from __future__ import annotations
@@ -31,9 +37,20 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
+def is_abstention(text: str) -> bool:
+    """The output is the explicit abstention the prompt asks for ("unanswerable", any case and
+    surrounding punctuation)."""
+    return normalize_answer(text) == ABSTAIN_WORD
+
+
+def is_empty_output(text: str) -> bool:
+    """The output normalises to nothing (no answer text at all); never an abstention."""
+    return normalize_answer(text) == ""
+
+
 def prediction_answer(text: str) -> str:
     """The answer a model's output stands for: "unanswerable" -> "", otherwise the text itself."""
-    return "" if normalize_answer(text) == ABSTAIN_WORD else text
+    return "" if is_abstention(text) else text
 
 
 def get_tokens(text: str) -> list[str]:
@@ -64,7 +81,12 @@ def gold_answers(answers: Sequence[str]) -> list[str]:
 
 
 def score_prediction(answers: Sequence[str], output_text: str) -> tuple[int, float]:
-    """(EM, F1) of one model output against one question's answers (max over golds)."""
+    """(EM, F1) of one model output against one question's answers (max over golds).
+
+    An empty output (``is_empty_output``) scores (0, 0.0) whatever the question: only the explicit
+    abstention earns credit on an unanswerable question (see the module docstring)."""
+    if is_empty_output(output_text):
+        return 0, 0.0
     pred = prediction_answer(output_text)
     golds = gold_answers(answers)
     return max(compute_exact(g, pred) for g in golds), max(compute_f1(g, pred) for g in golds)
@@ -81,9 +103,10 @@ def bootstrap_ci(values: Sequence[float], n_resamples: int = 1000, seed: int = 0
 
 
 def aggregate(rows: Sequence[dict]) -> dict:
-    """Overall EM/F1, HasAns EM/F1, NoAns accuracy (x100) with counts and bootstrap 95% CIs.
+    """Overall EM/F1, HasAns EM/F1, NoAns accuracy (x100) with counts and bootstrap 95% CIs, and
+    ``empty_outputs``: how many outputs were empty (scored wrong, never as abstentions).
 
-    ``rows``: dicts with ``em``, ``f1`` and ``has_answer``.
+    ``rows``: dicts with ``em``, ``f1``, ``has_answer`` and (optional, default false) ``empty``.
     """
     has = [r for r in rows if r["has_answer"]]
     no = [r for r in rows if not r["has_answer"]]
@@ -104,4 +127,5 @@ def aggregate(rows: Sequence[dict]) -> dict:
         "NoAns_accuracy_pct": mean([r["em"] for r in no]),
         "NoAns_accuracy_pct_ci95": bootstrap_ci([r["em"] for r in no]),
         "NoAns_total": len(no),
+        "empty_outputs": sum(bool(r.get("empty")) for r in rows),
     }

@@ -1,15 +1,20 @@
 """Token-level perplexity on the WikiText-2 raw test split, by one of two protocols.
 
 Protocol: the transformers guide "Perplexity of fixed-length models"
-(https://huggingface.co/docs/transformers/perplexity). The whole test text is tokenized once
-(no special tokens); windows of ``context`` tokens start every ``stride`` tokens; each window
+(https://huggingface.co/docs/transformers/perplexity). The whole test text is tokenized once, with
+one BOS token in front where the tokenizer adds one to text (as the guide's ``tokenizer(text)`` call
+does; ``--ppl-bos no``: none); windows of ``context`` tokens start every ``stride`` tokens; each window
 scores only the tokens the previous window did not (its first ``context - stride`` tokens are
 context), so every token after the first is scored exactly once, with up to ``context - 1``
-tokens of history. ``max_eval_tokens`` keeps a prefix of the token stream (0 = all ~305k tokens).
+tokens of history. ``max_eval_tokens`` keeps a prefix of the text's tokens (0 = all ~305k tokens).
 PPL = exp(mean NLL over all scored tokens), with its standard error (``workloads.metrics.perplexity``).
 
 ``--ppl-protocol llamacpp`` is llama.cpp's ``llama-perplexity`` instead (``llamacpp_chunks``):
 non-overlapping chunks, BOS first where the tokenizer adds one, the second half of each scored.
+
+With a baseline in the run (``Workload.comparison``), the baseline's cell stores its distributions
+and every other backend's cell adds ``metrics.agreement`` (KL divergence, top-1 agreement, RMS Δp,
+ln PPL ratio; ``workloads.agreement``) over the same scored tokens.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from typing import Any
 import numpy as np
 
 from backends.base import ScoringWindow
+from workloads.agreement import (TOPK, BLOCK_TOKENS, BaselineStore, agreement_summary, block_sums,
+                                  store_path)
 from workloads.base import Metric, Progress, Workload, WorkloadError, WorkloadParams, WorkloadResult, param
 from workloads.data import WIKITEXT2_FILE, wikitext2_token_ids
 from workloads.metrics import perplexity
@@ -35,6 +42,12 @@ class WikiTextParams(WorkloadParams):
     protocol: str = param("hf-sliding", "perplexity protocol: the transformers guide's sliding window, or "
                           "llama.cpp's llama-perplexity chunks", "--ppl-protocol",
                           choices=("hf-sliding", "llamacpp"))
+    bos: str = param("auto", "BOS token first: auto = where the tokenizer adds one to text (hf-sliding: one "
+                     "BOS before the text; llamacpp: each chunk's first token), no = never", "--ppl-bos",
+                     choices=("auto", "no"))
+    kld_topk: int = param(TOPK, "tokens per position in the baseline's store: KL divergence over them plus one "
+                          "rest bucket (a lower bound; larger k: closer to the exact KLD, 6k + 8 bytes a token)",
+                          "--kld-topk")
 
 
 def sliding_windows(token_ids, context: int, stride: int) -> list[ScoringWindow]:
@@ -118,26 +131,77 @@ class WikiText2Workload(Workload):
         ids = wikitext2_token_ids(tokenizer)
         if p.max_eval_tokens:
             ids = ids[: p.max_eval_tokens]
+        bos = tokenizer.bos_token_id if p.bos == "auto" and adds_bos(tokenizer) else None
         if p.protocol == "llamacpp":
-            bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
             windows = llamacpp_chunks(ids, p.context, bos)
             protocol = (f"llama.cpp perplexity: {len(windows)} chunks of {p.context} tokens, "
-                        + ("first token replaced by BOS" if bos is not None else "no BOS (the tokenizer adds none)")
+                        + ("first token replaced by BOS" if bos is not None else self._no_bos())
                         + f", last {windows[0].n_scored} of each scored")
         else:
-            windows = sliding_windows(ids, p.context, p.stride)
-            protocol = f"sliding window, context {p.context}, stride {p.stride}, {len(ids)} tokens"
+            windows = sliding_windows(([bos] if bos is not None else []) + list(ids), p.context, p.stride)
+            protocol = (f"sliding window, context {p.context}, stride {p.stride}, {len(ids)} tokens, "
+                        + ("BOS first" if bos is not None else self._no_bos()))
+        targets = [np.asarray(w.token_ids[w.first_scored:]) for w in windows]
+        writer, store, agreement = self._baseline(backend, targets)
         logprobs: list[np.ndarray] = []
+        kld: list[np.ndarray] = []
+        same_top: list[np.ndarray] = []
         for index, window in enumerate(windows):
-            (scores,) = backend.loglikelihood([window])
+            reference = store.window(index)[0] if store is not None else None
+            score = backend.score_window(window, keep_topk=p.kld_topk if writer is not None else 0,
+                                         reference=reference)
+            scores = score.logprobs
             if scores.shape != (window.n_scored,) or not np.all(np.isfinite(scores)):
                 raise WorkloadError(f"{backend.label} returned bad scores for window {index}")
             logprobs.append(scores)
+            if writer is not None:
+                writer.add(targets[index], scores, score.topk)
+            if reference is not None:
+                kld.append(score.kld)
+                same_top.append(score.same_top)
             progress(index + 1, len(windows))
         flat = np.concatenate(logprobs)
         metrics = perplexity(flat)
         metrics.update(n_windows=len(windows), protocol=protocol)
-        samples = {"window_mean_nll": [float(-w.mean()) for w in logprobs]}
+        samples = {"window_mean_nll": [float(-w.mean()) for w in logprobs],
+                   "nll_block_tokens": BLOCK_TOKENS, "nll_block_sums": block_sums(-flat)}
+        if writer is not None:
+            path = store_path(self.comparison.directory, backend.spec.name, self.comparison.baseline,
+                              p.to_dict())
+            size = writer.save(path, {"baseline": backend.label, "protocol": protocol, "topk": p.kld_topk,
+                                        "params": p.to_dict(), "model": backend.spec.name})
+            agreement.update(store=str(path.relative_to(self.comparison.directory)), store_bytes=size, topk=p.kld_topk)
+        if store is not None:
+            agreement.update(agreement_summary(np.concatenate(kld), np.concatenate(same_top), flat, store.logprobs),
+                             topk=store.meta.get("topk"))
+            samples["base_nll_block_sums"] = block_sums(-store.logprobs)
+        if agreement:
+            metrics["agreement"] = agreement
         return WorkloadResult(metrics, samples)
 
+    def _no_bos(self) -> str:
+        return "no BOS (--ppl-bos no)" if self.params.bos == "no" else "no BOS (the tokenizer adds none)"
 
+    def _baseline(self, backend, targets: list[np.ndarray]):
+        """(a ``BaselineStore`` to fill when this is the baseline, the baseline's store to compare
+        with, the start of ``metrics.agreement``: the baseline's label or a note saying why there
+        is no comparison)."""
+        comparison = self.comparison
+        if comparison is None:
+            return None, None, {}
+        if comparison.baseline is None:
+            return None, None, {"note": comparison.note or "no baseline in this run"}
+        agreement: dict = {"baseline": comparison.baseline}
+        if comparison.is_baseline:
+            return BaselineStore(), None, agreement
+        path = store_path(comparison.directory, backend.spec.name, comparison.baseline, self.params.to_dict())
+        try:
+            store = BaselineStore.load(path)
+        except FileNotFoundError:
+            agreement["note"] = (f"no baseline distributions at {path.name}: the baseline's wikitext2 cell "
+                                 "failed or did not run")
+            return None, None, agreement
+        if store.n_windows != len(targets) or not np.array_equal(store.targets, np.concatenate(targets)):
+            agreement["note"] = f"the baseline's store {path.name} holds other tokens than this cell scores"
+            return None, None, agreement
+        return None, store, agreement

@@ -28,7 +28,6 @@ from backends.device import default_device, dtype_availability
 from backends.kv import kv_fp16_analytic_bytes
 from backends.models import ModelError, ModelSpec, TorchLoadOptions, load_causal_lm
 from backends.options import BackendOptions
-from backends.scoring import target_logprobs
 from backends.tokens import left_pad, stop_token_set, trim_at_stop
 
 
@@ -82,6 +81,51 @@ def module_weight_bytes(model) -> int:
         seen.add(tensor.data_ptr())
         total += tensor.numel() * tensor.element_size()
     return total
+
+
+def weight_groups(model) -> dict[str, list[str]]:
+    """Which weight matrices a torch model holds quantized and which at full precision, by module
+    kind (the last part of the module name: ``q_proj``, ``embed_tokens``, ``lm_head``, ...).
+
+    Only matrices (weights of two or more dimensions) are listed; norm vectors are always kept.
+    A weight counts as quantized when it is a bitsandbytes parameter (``Params4bit``,
+    ``Int8Params``) or has a non-floating dtype. A kind quantized in some layers only reads
+    ``q_proj (3/4)``; ``lm_head`` tied to the embedding says so. An unquantized model gives
+    ``{"quantized": [], "kept": ["all (<dtype>)"]}``.
+    """
+    import torch
+
+    counts: dict[str, list[int]] = {}  # kind -> [quantized, kept]
+    dtypes: dict[str, set[str]] = {}
+    owners: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+        if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+            continue
+        kind = name.rsplit(".", 1)[-1]
+        pointer = weight.data_ptr()
+        if pointer in owners:
+            tied[kind] = owners[pointer]
+        owners.setdefault(pointer, kind)
+        quantized = type(weight).__name__ in ("Params4bit", "Int8Params") or not weight.dtype.is_floating_point
+        counts.setdefault(kind, [0, 0])[0 if quantized else 1] += 1
+        if not quantized:
+            dtypes.setdefault(kind, set()).add(str(weight.dtype).replace("torch.", ""))
+
+    def describe(kind: str, index: int) -> str:
+        q, k = counts[kind]
+        text = kind if (q if index == 0 else k) == q + k else f"{kind} ({q if index == 0 else k}/{q + k})"
+        extras = sorted(dtypes.get(kind, ())) if index == 1 else []
+        if kind in tied:
+            extras.append(f"tied to {tied[kind]}")
+        return f"{text} ({', '.join(extras)})" if extras else text
+
+    quantized = [describe(kind, 0) for kind, (q, _) in counts.items() if q]
+    if not quantized:
+        all_dtypes = sorted(set().union(*dtypes.values())) if dtypes else []
+        return {"quantized": [], "kept": [f"all ({', '.join(all_dtypes)})"]}
+    return {"quantized": quantized, "kept": [describe(kind, 1) for kind, (_, k) in counts.items() if k]}
 
 
 def cache_bytes(cache) -> int:
@@ -138,6 +182,7 @@ class TransformersBackend(Backend):
     default_variants = ("fp32", "bf16", "fp16")
     Options = TransformersOptions
     _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    runtime_modules = ("torch", "transformers", "transformers.modeling_utils", "transformers.generation.utils")
 
     def __init__(self, variant: str, options=None):
         super().__init__(variant, options)
@@ -200,6 +245,8 @@ class TransformersBackend(Backend):
         return torch.cuda.synchronize if self.device == "cuda" else None
 
     def _generate(self, request: GenerationRequest) -> GenerationOutput:
+        """``model.generate`` with a ``TokenTimer``; the TTFT origin is ``request.start_s`` (before
+        padding, the device copy, the new cache and ``generate``'s own set-up)."""
         import torch
 
         ids, mask = left_pad(request.prompt_token_ids, self.special.pad_id)
@@ -216,7 +263,6 @@ class TransformersBackend(Backend):
 
         timer = TokenTimer(self._synchronize(), on_first_step=measure_prefill)
         with torch.inference_mode():
-            start = time.perf_counter()
             output = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -241,18 +287,18 @@ class TransformersBackend(Backend):
             self.model.config, extra["kv_cache_tokens"]
         )
         return GenerationOutput(
-            [trim_at_stop(row, stops) for row in new_tokens], start, timer.step_times_s, extra
+            [trim_at_stop(row, stops) for row in new_tokens], request.start_s, timer.step_times_s, extra
         )
 
-    def _score(self, window: ScoringWindow) -> np.ndarray:
-        """One forward pass over the window (no cache); float64 ``[window.n_scored]``."""
+    def _score_logits(self, window: ScoringWindow) -> np.ndarray:
+        """One forward pass over the window (no cache); float32 ``[window.n_scored, vocab]``."""
         import torch
 
         ids = torch.tensor([list(window.token_ids)], dtype=torch.long, device=self.device)
         first = window.first_scored
         with torch.inference_mode():
             logits = self.model(input_ids=ids, use_cache=False).logits[0, first - 1 : -1]
-        return target_logprobs(logits.float().cpu().numpy(), np.asarray(window.token_ids[first:]))
+        return logits.float().cpu().numpy()
 
     def info(self) -> dict[str, Any]:
         import torch
@@ -267,7 +313,8 @@ class TransformersBackend(Backend):
             "compute_dtype": self.compute_dtype,
             "attn_implementation": getattr(config, "_attn_implementation", None),
             "kv_cache": {"type": "DynamicCache", "dtype": self.compute_dtype},
-            "quantization": self.quantization_info(),
+            "quantization": {**self.quantization_info(),
+                             **(weight_groups(self.model) if self.model is not None else {})},
         }
 
     def close(self) -> None:

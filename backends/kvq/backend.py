@@ -240,15 +240,15 @@ class KVQuantBackend(TransformersBackend):
             )
         return out
 
-    def _score(self, window: ScoringWindow) -> np.ndarray:
-        """Log-probabilities scored through this variant's KV cache: the window's context is
-        prefilled through a fresh cache, then the rest is fed in chunks of at most ``score_chunk``
-        tokens (see ``backends.kvq.scoring``), so every scored token attends to keys and values
-        that went through the cache. float64 ``[window.n_scored]``."""
-        from backends.kvq.scoring import cached_logprobs
+    def _score_logits(self, window: ScoringWindow) -> np.ndarray:
+        """Logits computed through this variant's KV cache: the window's context is prefilled
+        through a fresh cache, then the rest is fed in chunks of at most ``score_chunk`` tokens
+        (see ``backends.kvq.scoring``), so every scored token attends to keys and values that went
+        through the cache. float32 ``[window.n_scored, vocab]``."""
+        from backends.kvq.scoring import cached_logits
 
-        return cached_logprobs(self.model, self.new_cache(), window.token_ids, window.first_scored,
-                               self.score_chunk, self.device)
+        return cached_logits(self.model, self.new_cache(), window.token_ids, window.first_scored,
+                             self.score_chunk, self.device)
 
     def quantization_info(self) -> dict[str, Any]:
         return {"format": self.compute_dtype, "weights": "unquantized", "kv_cache": self.variant}

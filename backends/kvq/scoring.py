@@ -21,11 +21,9 @@ from typing import Sequence
 
 import numpy as np
 
-from backends.scoring import target_logprobs
 
-
-def cached_logprobs(model, cache, token_ids: Sequence[int], first_scored: int, chunk: int, device: str) -> np.ndarray:
-    """Log-probabilities of ``token_ids[first_scored:]`` computed through ``cache``.
+def cached_logits(model, cache, token_ids: Sequence[int], first_scored: int, chunk: int, device: str) -> np.ndarray:
+    """The logits that predict ``token_ids[first_scored:]``, computed through ``cache``.
 
     Args:
         model: a transformers ``*ForCausalLM`` in eval mode.
@@ -36,7 +34,7 @@ def cached_logprobs(model, cache, token_ids: Sequence[int], first_scored: int, c
         device: where the model runs (``"cpu"`` / ``"cuda"``).
 
     Returns:
-        float64 array ``[n - first_scored]`` of natural-log probabilities.
+        float32 ``[n - first_scored, vocab]`` logits (row ``j`` predicts ``token_ids[first_scored + j]``).
 
     Raises:
         ValueError: ``first_scored`` or ``chunk`` out of range.
@@ -49,7 +47,7 @@ def cached_logprobs(model, cache, token_ids: Sequence[int], first_scored: int, c
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     if first_scored == n:
-        return np.zeros(0)
+        return np.zeros((0, model.config.get_text_config(decoder=True).vocab_size), dtype=np.float32)
     ids = torch.tensor([list(token_ids)], dtype=torch.long, device=device)
     pieces = []
     with torch.inference_mode():
@@ -64,7 +62,5 @@ def cached_logprobs(model, cache, token_ids: Sequence[int], first_scored: int, c
                 cache_position=torch.arange(start, stop, device=device),
             )
             # logits at positions start..stop-1 predict tokens start+1..stop; keep the scored ones
-            logits = out.logits[0, max(start, first_scored - 1) - start :]
-            targets = ids[0, max(start, first_scored - 1) + 1 : stop + 1]
-            pieces.append(target_logprobs(logits.float().cpu().numpy(), targets.cpu().numpy()))
+            pieces.append(out.logits[0, max(start, first_scored - 1) - start :].float().cpu().numpy())
     return np.concatenate(pieces)

@@ -23,10 +23,9 @@ from backends.base import (Availability, Backend, BackendError, GenerationOutput
                            Preparation, ScoringWindow)
 from backends.decoding import greedy_decode
 from backends.kv import kv_bytes_per_token
-from backends.llamacpp.gguf_files import FTYPES, UnsupportedModel, tensor_types, variant_file
+from backends.llamacpp.gguf_files import FTYPES, UnsupportedModel, tensor_types, variant_file, weight_groups
 from backends.models import ModelSpec
 from backends.options import BackendOptions
-from backends.scoring import target_logprobs
 from backends.tokens import stop_token_set
 
 _KV_TYPES = {"f16": "GGML_TYPE_F16", "q8_0": "GGML_TYPE_Q8_0", "q4_0": "GGML_TYPE_Q4_0"}
@@ -90,6 +89,7 @@ class LlamaCppBackend(Backend):
     }
     default_variants = ("f32", "q8_0", "q4_k_m", "q4_1", "q4_0")
     Options = LlamaCppOptions
+    runtime_modules = ("llama_cpp",)
 
     def __init__(self, variant: str, options=None):
         super().__init__(variant, options)
@@ -100,6 +100,7 @@ class LlamaCppBackend(Backend):
         self._kv_per_token_fp16 = 0
         self._source = ""
         self._tensor_types: dict[str, int] | None = None
+        self._weight_groups: dict[str, list[str]] = {}
 
     @classmethod
     def availability(cls, variant: str) -> Availability:
@@ -128,6 +129,7 @@ class LlamaCppBackend(Backend):
         except (UnsupportedModel, RuntimeError) as exc:
             raise BackendError(f"{self.label}: {exc}") from None
         self._source = facts["source"]
+        self._weight_groups = weight_groups(self.path)
         return Preparation(convert_s=facts["convert_s"], quantize_s=facts["quantize_s"],
                            artifact_bytes=self.path.stat().st_size, artifact_dir=str(self.path.parent),
                            cache_hit=facts["cache_hit"])
@@ -151,7 +153,9 @@ class LlamaCppBackend(Backend):
 
     def _ensure_context(self, tokens: int) -> None:
         """A context holding ``tokens`` KV cells (all sequences together), re-created when a request
-        needs more and ``n_ctx`` is 0; called outside every timed region.
+        needs more and ``n_ctx`` is 0. In ``_generate`` it runs after the request's ``start_s`` (the
+        TTFT origin stamped by ``Backend.generate``): per-request state counts in TTFT for every
+        backend, and latency warm-up runs of the same shape absorb a re-creation.
 
         Raises:
             BackendError: a fixed ``n_ctx`` is too small for the request.
@@ -239,6 +243,7 @@ class LlamaCppBackend(Backend):
 
         def measure_prefill() -> None:
             extra["kv_cache_bytes_prefill"] = self._kv_bytes(request.batch)
+            extra["kv_cache_tokens_prefill"] = sum(lengths)
 
         out = greedy_decode(request, stop_token_set(self.special.eos_ids, request.stop_token_ids),
                             prefill, step, measure_prefill)
@@ -248,14 +253,14 @@ class LlamaCppBackend(Backend):
         out.extra = extra
         return out
 
-    def _score(self, window: ScoringWindow) -> np.ndarray:
-        """The window as one sequence, logits only where a scored token is predicted."""
+    def _score_logits(self, window: ScoringWindow) -> np.ndarray:
+        """The window as one sequence, logits only where a scored token is predicted; float32
+        ``[n_scored, vocab]``."""
         ids = window.token_ids
         first = window.first_scored
         self._ensure_context(len(ids))
         self._clear()
-        logits = self._run([(token, pos, 0, first - 1 <= pos < len(ids) - 1) for pos, token in enumerate(ids)])
-        return target_logprobs(logits, np.asarray(ids[first:]))
+        return self._run([(token, pos, 0, first - 1 <= pos < len(ids) - 1) for pos, token in enumerate(ids)])
 
     # --- description -------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -277,7 +282,7 @@ class LlamaCppBackend(Backend):
                          "type_v": self.options.type_v, "n_ctx": self._n_ctx},
             "quantization": {"format": f"gguf-{self.variant}", "llama_ftype": FTYPES[self.variant],
                              "source": self._source,
-                             "tensor_types": self._tensor_types},
+                             "tensor_types": self._tensor_types, **self._weight_groups},
             "gguf": str(self.path) if self.path else None,
         }
 

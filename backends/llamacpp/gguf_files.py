@@ -253,6 +253,39 @@ def variant_file(spec: ModelSpec, directory: Path, variant: str, threads: int) -
     return target, {**facts, "cache_hit": False}
 
 
+UNQUANTIZED_TYPES = ("F32", "F16", "BF16", "F64")
+
+
+def weight_groups(path: Path) -> dict[str, list[str]]:
+    """Which weight matrices a GGUF file holds quantized and which unquantized, by kind
+    (``blk.N.attn_q.weight`` -> ``attn_q``; ``token_embd``, ``output``), with llama.cpp's tensor
+    types and how many tensors of the kind have each (``attn_v (Q6_K 15/30, Q4_K 15/30)``).
+    Only tensors of two or more dimensions are listed (norm vectors stay F32). Same return shape
+    as ``backends.hf.backend.weight_groups``."""
+    import gguf
+
+    types: dict[str, dict[str, int]] = {}
+    for tensor in gguf.GGUFReader(str(path)).tensors:
+        if len([d for d in tensor.shape if d > 1]) < 2:
+            continue
+        parts = tensor.name.split(".")
+        kind = parts[2] if parts[0] == "blk" and len(parts) > 2 else parts[0]
+        by_type = types.setdefault(kind, {})
+        by_type[tensor.tensor_type.name] = by_type.get(tensor.tensor_type.name, 0) + 1
+
+    def describe(kind: str, wanted: bool) -> str | None:
+        by_type = types[kind]
+        total = sum(by_type.values())
+        chosen = {t: n for t, n in by_type.items() if (t not in UNQUANTIZED_TYPES) == wanted}
+        if not chosen:
+            return None
+        return f"{kind} (" + ", ".join(t if n == total else f"{t} {n}/{total}" for t, n in sorted(chosen.items())) + ")"
+
+    quantized = [text for kind in types if (text := describe(kind, True))]
+    kept = [text for kind in types if (text := describe(kind, False))]
+    return {"quantized": quantized, "kept": kept}
+
+
 def tensor_types(path: Path) -> dict[str, int]:
     """How many tensors of each llama.cpp type a GGUF file holds (what the quantizer chose: k-quants
     fall back per tensor where rows are not a multiple of 256)."""

@@ -82,6 +82,7 @@ class MLCBackend(Backend):
     }
     default_variants = ("q0f32", "q4f32_1", "q4f16_1", "q3f16_1", "q8f16_1")
     Options = MLCOptions
+    runtime_modules = ("tvm",)
 
     def __init__(self, variant: str, options=None):
         super().__init__(variant, options)
@@ -198,12 +199,17 @@ class MLCBackend(Backend):
         if request.batch > self.kv_options.max_batch:
             raise BackendError(f"{self.label}: batch {request.batch} exceeds max_batch {self.kv_options.max_batch}")
         try:
-            return self.session.generate(request, stop_token_set(self.special.eos_ids, request.stop_token_ids))
+            out = self.session.generate(request, stop_token_set(self.special.eos_ids, request.stop_token_ids))
         except ValueError as exc:
             raise BackendError(f"{self.label}: {exc}") from None
+        cfg = self.cfg
+        out.extra["kv_cache_bytes_fp16_analytic"] = kv_bytes_per_token(
+            cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 2) * out.extra["kv_cache_tokens"]
+        return out
 
-    def _score(self, window: ScoringWindow) -> np.ndarray:
-        return self.session.score(list(window.token_ids), window.first_scored)
+    def _score_logits(self, window: ScoringWindow) -> np.ndarray:
+        """float32 ``[n_scored, vocab]``, computed chunk by chunk through the paged KV cache."""
+        return self.session.score_logits(list(window.token_ids), window.first_scored)
 
     def info(self) -> dict[str, Any]:
         import tvm
@@ -244,8 +250,23 @@ class MLCBackend(Backend):
                            else "KN (input-major)"),
                 "embedding_and_lm_head": self.embed_mode.name,
                 "fused_dequantize_matmul": True,
+                **self.weight_groups(),
             },
         }
+
+    def weight_groups(self) -> dict[str, list[str]]:
+        """Which weight matrices this variant quantizes (``backends.hf.backend.weight_groups``'s
+        shape): the decoder's linear layers follow the variant's mode, the embedding and lm_head
+        ``embed_mode`` (MLC-LLM quantizes them too unless ``quantize_embedding=0``); norm vectors
+        stay in the scale dtype."""
+        linear = "linear layers (qkv_proj, o_proj, gate_up_proj, down_proj)"
+        tied = getattr(getattr(self, "cfg", None), "tie_word_embeddings", False)
+        embed = "embed_tokens (= lm_head, tied)" if tied else "embed_tokens, lm_head"
+        quantized, kept = [], []
+        for group, mode in ((linear, self.mode), (embed, self.embed_mode)):
+            (quantized if mode.quantized else kept).append(
+                group if mode.quantized else f"{group} ({mode.scale_dtype})")
+        return {"quantized": quantized, "kept": kept}
 
     def close(self) -> None:
         super().close()

@@ -15,7 +15,6 @@ import numpy as np
 
 from backends.base import GenerationOutput, GenerationRequest
 from backends.decoding import greedy_decode
-from backends.scoring import target_logprobs
 
 
 @dataclass(frozen=True)
@@ -74,11 +73,15 @@ class Session:
         self._begin = _func("vm.builtin.kv_state_begin_forward")
         self._end = _func("vm.builtin.kv_state_end_forward")
         self._sliding = _func("vm.builtin.attention_kv_cache_enable_sliding_window_for_seq")
+        self._available_pages = _func("vm.builtin.attention_kv_cache_get_num_available_pages")
+        self._total_pages = 0
 
     # --- cache ----------------------------------------------------------------------------
     def cache(self, batch: int, total_tokens: int):
         """A paged KV cache for ``batch`` sequences and ``total_tokens`` tokens, reused while it is
-        large enough (created outside any timed region by the callers)."""
+        large enough. ``generate`` calls it inside the timed region (after the request's
+        ``start_s``): a request that needs a larger cache pays for creating it in its TTFT, as
+        every backend pays for its per-request state; latency warm-up runs absorb it."""
         from tvm.runtime import ShapeTuple
 
         o = self.kv_options
@@ -90,22 +93,43 @@ class Session:
                 ShapeTuple([o.page_size]), ShapeTuple([1 if o.sliding_window else 0]))
             self._cache_capacity = capacity
             self._lengths = {}
+            self._total_pages = int(self._available_pages(self._cache))  # all free right after creation
         return self._cache
 
     @property
+    def page_bytes(self) -> int:
+        """Bytes of one page: ``page_size`` positions of K and V in every layer."""
+        return self.kv_options.page_size * self.kv_bytes_per_token
+
+    @property
     def reserved_kv_bytes(self) -> int:
-        """Bytes the current cache preallocated (all pages of all layers)."""
-        pages = -(-self._cache_capacity[1] // self.kv_options.page_size)
-        return pages * self.kv_options.page_size * self.kv_bytes_per_token
+        """Bytes the current cache preallocated: every page TVM created, K and V of all layers."""
+        return self._total_pages * self.page_bytes
 
     def used_kv_bytes(self) -> int:
-        """Bytes of the pages live sequences occupy (K and V, every layer)."""
+        """Bytes of the pages TVM has allocated to sequences (``total pages - available pages``,
+        ``vm.builtin.attention_kv_cache_get_num_available_pages``) x ``page_bytes``."""
+        if self._cache is None:
+            return 0
+        return (self._total_pages - int(self._available_pages(self._cache))) * self.page_bytes
+
+    def analytic_kv_pages(self) -> int:
+        """Pages the live sequences should hold by our own count (``ceil(held / page_size)`` each,
+        ``held`` capped by the sliding window + sink): a cross-check of ``used_kv_bytes``, equal to
+        TVM's count without a sliding window and a lower bound with one (TVM keeps the sink in a
+        page of its own and the window can straddle two pages)."""
         o = self.kv_options
-        total = 0
+        pages = 0
         for length in self._lengths.values():
             held = min(length, o.sliding_window + o.attention_sink) if o.sliding_window else length
-            total += -(-held // o.page_size) * o.page_size
-        return total * self.kv_bytes_per_token
+            pages += -(-held // o.page_size)
+        return pages
+
+    def cached_tokens(self) -> int:
+        """Positions the live sequences hold, summed over them (capped by the sliding window + sink)."""
+        o = self.kv_options
+        return sum(min(n, o.sliding_window + o.attention_sink) if o.sliding_window else n
+                   for n in self._lengths.values())
 
     def add_sequence(self, kv, seq_id: int) -> None:
         """Register a new, empty sequence (with the sliding window / sink when configured)."""
@@ -171,9 +195,10 @@ class Session:
                             self._ids([tokens[s] for s in seq_ids], (-1, 1))).numpy()
         return {sid: out[row, 0] for row, sid in enumerate(seq_ids)}
 
-    def score(self, token_ids: Sequence[int], first_scored: int) -> np.ndarray:
-        """``log p(token_ids[i] | token_ids[:i])`` for ``i >= first_scored``, float64 ``[n - first_scored]``,
-        from full-sequence logits computed chunk by chunk through the KV cache."""
+    def score_logits(self, token_ids: Sequence[int], first_scored: int) -> np.ndarray:
+        """The logits that predict ``token_ids[i]`` for ``i >= first_scored``, float32
+        ``[n - first_scored, vocab]``, computed chunk by chunk through the KV cache (only the
+        chunks that hold a scored position are kept)."""
         n = len(token_ids)
         kv = self.cache(1, -(-n // self.kv_options.page_size) * self.kv_options.page_size)
         sid = 1 << 20
@@ -185,15 +210,20 @@ class Session:
                 stop = min(start + chunk, n - 1)  # positions start..stop-1 predict start+1..stop
                 logits = self._forward("score", kv, [sid], [stop - start],
                                        self._ids(token_ids[start:stop], (1, -1))).numpy()[0]
-                picked.append(target_logprobs(logits, np.asarray(token_ids[start + 1:stop + 1])))
+                if stop > first_scored - 1:  # row j predicts token start + j + 1
+                    picked.append(np.asarray(logits[max(0, first_scored - 1 - start):], dtype=np.float32))
         finally:
             self.remove_sequence(kv, sid)
-        return np.concatenate(picked)[first_scored - 1:] if picked else np.zeros(0)
+        return np.concatenate(picked)
 
     def generate(self, request: GenerationRequest, stop_ids: list[int]) -> GenerationOutput:
         """Batched greedy decoding (``backends.decoding.greedy_decode``) over this cache: one
         sequence per prompt, added before prefill and removed at the end; finished sequences
-        leave the decode batch. ``extra`` carries the KV bytes after prefill and at the end.
+        leave the decode batch. ``extra`` carries the KV bytes (pages TVM allocated to the
+        sequences) and cached positions after prefill and at the end, our own page count
+        (``kv_cache_pages_analytic``) and the whole preallocated pool (``kv_cache_reserved_bytes``).
+        ``start_s`` is ``request.start_s`` (stamped by ``Backend.generate``), so the cache and
+        sequence set-up below count in TTFT, as per-request state does for every backend.
 
         Raises:
             ValueError: prompt + ``max_new_tokens`` exceeds ``context_window`` without a sliding window.
@@ -223,10 +253,13 @@ class Session:
 
         def measure_prefill() -> None:
             extra["kv_cache_bytes_prefill"] = self.used_kv_bytes()
+            extra["kv_cache_tokens_prefill"] = self.cached_tokens()
 
         try:
             out = greedy_decode(request, stop_ids, prefill, step, measure_prefill)
             extra["kv_cache_bytes"] = self.used_kv_bytes()
+            extra["kv_cache_tokens"] = self.cached_tokens()
+            extra["kv_cache_pages_analytic"] = self.analytic_kv_pages()
             extra["kv_cache_reserved_bytes"] = self.reserved_kv_bytes
         finally:
             for sid in ids:

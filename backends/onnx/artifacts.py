@@ -28,7 +28,8 @@ from backends.models import cache_root
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 EXPORT_TASK = "text-generation-with-past"  # decoder with past key values: incremental decode
-FORMAT = 2  # of the entry and its manifest; part of the key, so a format change rebuilds
+FORMAT = 3  # of the entry and its manifest; part of the key, so a format change rebuilds
+# (3: the export has a logits_to_keep input, see export.add_logits_to_keep)
 REQUIRED = ("key", "files", "export_s", "quantize_s", "artifact_bytes", "weight_bytes",
             "folded_weight_bytes", "opset", "settings", "versions")
 
@@ -162,6 +163,76 @@ def graph_facts(model_path: Path) -> dict[str, Any]:
             folded += initializers[node.input[0]]
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     return {"opset": opset, "weight_bytes": int(total + folded), "folded_weight_bytes": int(folded)}
+
+
+QUANTIZED_MATMULS = ("MatMulInteger", "MatMulNBits", "DynamicQuantizeMatMul", "QLinearMatMul",
+                     "MatMulIntegerToFloat", "MatMulBnb4")
+WEIGHT_GROUPS_DIR = "onnx-weight-groups"  # under cache_root(): one JSON per artifact entry, outside it
+
+
+def weight_groups(model_path: Path) -> dict[str, list[str]]:
+    """Which weight matrices the graph holds quantized and which fp32, by kind: the path part of
+    the node name before the op (optimum names ``/model/layers.3/self_attn/q_proj/MatMul``).
+
+    Quantized: nodes of a quantized MatMul op (``QUANTIZED_MATMULS``); kept: ``MatMul`` with a
+    constant weight (an initializer, or a ``Transpose`` of one, which onnxruntime folds into a
+    second, transposed copy at session creation: marked so) and ``Gather`` of an initializer (the
+    embedding). A kind quantized in some layers only reads ``down_proj (2/30)``. Norm vectors are
+    not listed (always fp32). Same return shape as ``backends.hf.backend.weight_groups``.
+    """
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    constants = {t.name for t in graph.initializer}
+    transposed = {node.output[0] for node in graph.node
+                  if node.op_type == "Transpose" and node.input[0] in constants}
+    counts: dict[str, list[int]] = {}
+    notes: dict[str, str] = {}
+    for node in graph.node:
+        parts = [part for part in node.name.split("/") if part]
+        kind = parts[-2] if len(parts) >= 2 else node.name
+        if node.op_type in QUANTIZED_MATMULS:
+            counts.setdefault(kind, [0, 0])[0] += 1
+        elif node.op_type == "MatMul" and len(node.input) > 1 and (
+                node.input[1] in constants or node.input[1] in transposed):
+            counts.setdefault(kind, [0, 0])[1] += 1
+            if node.input[1] in transposed:
+                notes[kind] = "folded transposed copy"
+        elif node.op_type == "Gather" and node.input[0] in constants:
+            counts.setdefault(kind, [0, 0])[1] += 1
+
+    def describe(kind: str, index: int) -> str:
+        q, k = counts[kind]
+        n = q if index == 0 else k
+        text = kind if n == q + k else f"{kind} ({n}/{q + k})"
+        return f"{text} ({notes[kind]})" if index == 1 and kind in notes else text
+
+    quantized = [describe(kind, 0) for kind, (q, _) in counts.items() if q]
+    if not quantized:
+        return {"quantized": [], "kept": ["all (float32)"]}
+    return {"quantized": quantized, "kept": [describe(kind, 1) for kind, (_, k) in counts.items() if k]}
+
+
+def cached_weight_groups(artifact_dir: Path, model_path: Path) -> dict[str, list[str]]:
+    """``weight_groups(model_path)``, read from / written to
+    ``cache_root()/WEIGHT_GROUPS_DIR/<artifact_dir name>.json`` (outside the entry, whose files the
+    manifest lists) so the graph is parsed once per artifact; a missing or unreadable file is
+    recomputed. The entry name carries its key (model, variant, settings)."""
+    folder = cache_root() / WEIGHT_GROUPS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    sidecar = folder / f"{Path(artifact_dir).name}.json"
+    try:
+        return json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        pass
+    groups = weight_groups(model_path)
+    tmp = sidecar.with_name(f"{sidecar.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(groups))
+        os.replace(tmp, sidecar)
+    except OSError:  # a read-only cache: the figure is still returned
+        tmp.unlink(missing_ok=True)
+    return groups
 
 
 def get_or_build(

@@ -4,9 +4,11 @@ The model is exported once from ``checkpoint_dir(spec)`` (the same weights every
 reads), quantized with onnxruntime's own quantizers, and cached on disk (``artifacts.py``). The
 decoding loop is ours, over one ``InferenceSession`` with I/O binding: prefill of the left-padded
 batch with an empty past, then one token per step with the previous step's ``present`` tensors
-bound as ``past_key_values`` (they stay on the device; only the last position's logits come to the
-host), so decode is incremental and every step is stamped with ``perf_counter`` as its tokens
-exist on the host.
+bound as ``past_key_values`` (they stay on the device), so decode is incremental and every step is
+stamped with ``perf_counter`` as its tokens exist on the host. Generation sets the graph's
+``logits_to_keep`` input (``export.add_logits_to_keep``) to 1: prefill runs the ``lm_head`` on the
+last position only and copies ``[batch, 1, vocab]`` to the host, as the other backends do; scoring
+sets it to 0 (every position).
 
 Execution provider: ``CUDAExecutionProvider`` when a CUDA device is visible and onnxruntime-gpu is
 installed (``pip install quantarena[gpu]``), else ``CPUExecutionProvider``; the provider actually
@@ -26,11 +28,12 @@ from backends.base import (Availability, Backend, BackendError, GenerationOutput
                            Preparation, ScoringWindow)
 from backends.decoding import greedy_decode
 from backends.device import cuda_available
+from backends.kv import kv_bytes_per_token
 from backends.models import ModelSpec, checkpoint_identity
 from backends.onnx import artifacts
+from backends.onnx.export import LOGITS_TO_KEEP
 from backends.onnx.quantize import Int4Settings, Int8Settings
 from backends.options import BackendOptions
-from backends.scoring import target_logprobs
 from backends.tokens import left_pad, stop_token_set
 
 # Down projections of the MLP and the first and last decoder layers stay fp32 in the default
@@ -74,6 +77,7 @@ class OnnxRuntimeBackend(Backend):
     }
     default_variants = ("fp32", "int8", "int4")
     Options = OnnxOptions
+    runtime_modules = ("onnxruntime",)
 
     def __init__(self, variant: str, options=None):
         super().__init__(variant, options)
@@ -81,6 +85,7 @@ class OnnxRuntimeBackend(Backend):
         self.artifact: artifacts.Artifact | None = None
         self.provider_note: str | None = None
         self._layout: dict[str, Any] = {}
+        self._weight_groups: dict[str, list[str]] = {}
 
     # --- availability and settings -----------------------------------------------------------
     @classmethod
@@ -233,6 +238,7 @@ class OnnxRuntimeBackend(Backend):
         self.spec = model
         self._providers()  # a device the machine cannot give fails before any export
         self.artifact = self._artifact(directory)
+        self._weight_groups = artifacts.cached_weight_groups(self.artifact.directory, self.artifact.model_path)
         manifest = self.artifact.manifest
         return Preparation(export_s=manifest["export_s"], quantize_s=manifest["quantize_s"],
                            artifact_bytes=int(manifest["artifact_bytes"]),
@@ -272,6 +278,9 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(f"{self.label}: the exported graph has no past_key_values inputs")
         first = past[0]
         input_names = {i.name for i in self.session.get_inputs()}
+        if LOGITS_TO_KEEP not in input_names:
+            raise BackendError(f"{self.label}: the exported graph has no {LOGITS_TO_KEEP} input "
+                               f"(an export from before it was added): delete {self.artifact.directory}")
         return {
             "past_names": [p.name for p in past],
             "present_names": [p.name.replace("past_key_values.", "present.") for p in past],
@@ -297,8 +306,9 @@ class OnnxRuntimeBackend(Backend):
         Args:
             input_ids, position_ids: ``[batch, seq]`` int64; attention_mask ``[batch, past + seq]``.
             past: the previous step's ``present`` OrtValues (in graph order), or None for prefill.
-            last_only: return only the last position's logits ``[batch, vocab]`` (decode), else
-                all ``[batch, seq, vocab]``.
+            last_only: compute only the last position's logits (``logits_to_keep = 1``: the graph
+                runs ``lm_head`` on that position alone) and return ``[batch, vocab]`` (prefill and
+                decode), else compute and return all ``[batch, seq, vocab]`` (``logits_to_keep = 0``).
 
         Returns:
             ``(logits float32 numpy, present OrtValues)``; the presents stay on the device.
@@ -313,6 +323,8 @@ class OnnxRuntimeBackend(Backend):
             if name == "position_ids" and not layout["has_position_ids"]:
                 continue
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), device, 0))
+        # a shape argument: stays on the host (ORT copies it if a device kernel needs it)
+        binding.bind_cpu_input(LOGITS_TO_KEEP, np.array(1 if last_only else 0, dtype=np.int64))
         if past is None:
             empty = np.zeros((input_ids.shape[0], layout["kv_heads"], 0, layout["head_dim"]), layout["kv_dtype"])
             past = [ort.OrtValue.ortvalue_from_numpy(empty, device, 0)] * len(layout["past_names"])
@@ -323,7 +335,7 @@ class OnnxRuntimeBackend(Backend):
             binding.bind_output(name, device)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        logits = outputs[0].numpy()
+        logits = outputs[0].numpy()  # [batch, 1, vocab] when last_only, else [batch, seq, vocab]
         if last_only:
             logits = logits[:, -1, :]
         return logits, list(outputs[1:])
@@ -334,6 +346,13 @@ class OnnxRuntimeBackend(Backend):
     def _kv_bytes(cls, presents: list) -> int:
         """Bytes held by the ``present`` key/value OrtValues ``[batch, kv_heads, seq, head_dim]``."""
         return int(sum(int(np.prod(v.shape())) * cls._ELEMENT_BYTES[v.data_type()] for v in presents))
+
+    @staticmethod
+    def _kv_tokens(presents: list) -> int:
+        """Cached positions summed over the batch (left padding included: it is stored):
+        ``batch x seq`` of the first ``present`` ``[batch, kv_heads, seq, head_dim]``."""
+        shape = presents[0].shape()
+        return int(shape[0] * shape[2])
 
     def _generate(self, request: GenerationRequest) -> GenerationOutput:
         pad = self.special.pad_id
@@ -356,21 +375,26 @@ class OnnxRuntimeBackend(Backend):
 
         def measure_prefill() -> None:
             extra["kv_cache_bytes_prefill"] = self._kv_bytes(state["presents"])
+            extra["kv_cache_tokens_prefill"] = self._kv_tokens(state["presents"])
 
         out = greedy_decode(request, stop_token_set(self.special.eos_ids, request.stop_token_ids),
                             prefill, step, measure_prefill)
         extra["kv_cache_bytes"] = self._kv_bytes(state["presents"])
+        extra["kv_cache_tokens"] = self._kv_tokens(state["presents"])
+        layout = self._layout
+        extra["kv_cache_bytes_fp16_analytic"] = kv_bytes_per_token(
+            len(layout["present_names"]) // 2, layout["kv_heads"], layout["head_dim"], 2) * extra["kv_cache_tokens"]
         out.extra = extra
         return out
 
-    def _score(self, window: ScoringWindow) -> np.ndarray:
-        """One forward pass per window (empty past, all-ones mask)."""
+    def _score_logits(self, window: ScoringWindow) -> np.ndarray:
+        """One forward pass per window (empty past, all-ones mask); float32 ``[n_scored, vocab]``."""
         ids = np.array([window.token_ids], dtype=np.int64)
         mask = np.ones_like(ids)
         positions = np.arange(ids.shape[1], dtype=np.int64)[None]
         logits, _ = self._run(ids, mask, positions, None, last_only=False)
         first = window.first_scored
-        return target_logprobs(logits[0, first - 1 : -1], ids[0, first:])
+        return np.asarray(logits[0, first - 1 : -1], dtype=np.float32)
 
     def memory(self) -> dict[str, int]:
         """``rss`` bytes; on CUDA also ``nvml_process`` (GPU memory of this process, which includes
@@ -399,8 +423,10 @@ class OnnxRuntimeBackend(Backend):
             "opset": manifest.get("opset"),
             "compute_dtype": "float32",
             "kv_cache": {"type": "ONNX past_key_values (I/O-bound OrtValues)", "dtype": "float32"},
-            "quantization": {"format": f"onnx-{self.variant}", **manifest.get("settings", {"method": "none"})},
-            "export": {"task": artifacts.EXPORT_TASK, "tool": "optimum.exporters.onnx.main_export"},
+            "quantization": {"format": f"onnx-{self.variant}", **manifest.get("settings", {"method": "none"}),
+                             **self._weight_groups},
+            "export": {"task": artifacts.EXPORT_TASK, "tool": "optimum.exporters.onnx.main_export",
+                       "logits_to_keep": "input added after export; 1 in generation (last position only)"},
             "artifact_dir": str(self.artifact.directory) if self.artifact is not None else None,
         }
 
