@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from reports.roofline import decode_roofline
-from reports.stats import PairedResult, paired_bootstrap_ppl
+from reports.stats import BOOTSTRAP_SAMPLES, PairedResult, paired_bootstrap_ppl
 from reports.table import headline_latency
 
 
@@ -132,6 +132,12 @@ def relative_rows(records: list[dict[str, Any]], baseline: str) -> list[Relative
     return rows
 
 
+def format_p(p: float) -> str:
+    """A p-value for a table; the smallest a 2,000-resample bootstrap can give, 1/2001, reads as
+    "< 0.001" rather than a falsely exact 0.0005."""
+    return "< 0.001" if p <= 1.0 / (BOOTSTRAP_SAMPLES + 1) else f"{p:.3g}"
+
+
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -152,7 +158,7 @@ def relative_cells(row: RelativeRow) -> list[str]:
         ppl, p = "baseline", "-"
     else:
         ppl = "{:+.2f}% ({:+.2f} to {:+.2f})".format(100 * change.estimate, *(100 * c for c in change.ci95))
-        p = f"{change.p_value:.3g}"
+        p = format_p(change.p_value)
     a, g = row.agreement, row.generation
     kld = "-" if a.get("kld_mean") is None else (
         f"{a['kld_mean']:.4f}" + (f" ± {a['kld_mean_se']:.4f}" if a.get("kld_mean_se") is not None else ""))

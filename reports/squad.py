@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from reports.baseline import format_p
 from reports.stats import mcnemar_exact, paired_bootstrap_mean
 
 
@@ -35,7 +36,7 @@ def paired_significance(rows: list[dict[str, Any]], base_rows: list[dict[str, An
     b, c, p = mcnemar_exact([q["em"] >= 1 for q, _ in shared], [o["em"] >= 1 for _, o in shared])
     f1 = paired_bootstrap_mean([q["f1"] for q, _ in shared], [o["f1"] for _, o in shared])
     return [f"{b} / {c}, p={p:.3g}",  # per-question F1 is a fraction (official scorer): shown in points
-            "{:+.1f} ({:+.1f} to {:+.1f}), p={:.3g}".format(100 * f1.estimate, *(100 * x for x in f1.ci95), f1.p_value)]
+            "{:+.1f} ({:+.1f} to {:+.1f}), p={}".format(100 * f1.estimate, *(100 * x for x in f1.ci95), format_p(f1.p_value))]
 
 
 def squad_section(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]], str | None, str | None]:
