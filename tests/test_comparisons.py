@@ -166,3 +166,18 @@ def test_millisecond_jitter_on_a_tiny_model_is_not_a_speed_outlier():
 def test_a_normal_sentence_is_not_degenerate():
     assert degenerate([464, 3290, 373, 257, 1110, 1755, 11, 290, 262, 3290]) is None
     assert degenerate([1, 1, 1]) is None  # too short to judge
+
+
+def test_report_baseline_flag_picks_the_row_and_an_unknown_label_exits_2(tmp_path, capsys):
+    import shutil
+
+    from harness.cli import main
+
+    results = tmp_path / "results.jsonl"
+    shutil.copy(SWEEP, results)
+    assert main(["report", str(results), "--baseline", "mlc:q4f16_1"]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "Relative to the baseline **`mlc:q4f16_1`**" in report
+    assert main(["report", str(results), "--baseline", "hf:nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--baseline hf:nope: no ok record with that label" in err and len(err.splitlines()) == 1
