@@ -238,6 +238,7 @@ def rates_vs_prompt_length(frame, styles: Styles, out: Path) -> Path | None:
         _errorbar(ttft, line["n_in"], line, "ttft_ms", label, **style)
         _errorbar(decode, line["n_in"], line, "decode_tok_s", label, **style)
     ttft.set_yscale("log")
+    _plain_log_ticks(ttft.yaxis)
     ttft.set_ylabel("TTFT ms (median ± std, log scale)")
     decode.set_ylabel("decode tokens/s (median ± std)")
     for ax in (ttft, decode):
@@ -250,15 +251,19 @@ def rates_vs_prompt_length(frame, styles: Styles, out: Path) -> Path | None:
 
 def _broken_scale(ax, values, axis: str) -> None:
     """Log scale when one format is so far off that it would squash the others (a broken format)."""
-    from matplotlib.ticker import FuncFormatter
-
     values = [v for v in values if v and v > 0]
     if values and max(values) > 5 * min(values):
         (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
-        target = ax.xaxis if axis == "x" else ax.yaxis
-        target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 100 rather than 10^2
-        # minor ticks labelled at 2x and 5x only, so neighbours (90, 100) never collide
-        target.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
+        _plain_log_ticks(ax.xaxis if axis == "x" else ax.yaxis)
+
+
+def _plain_log_ticks(target) -> None:
+    """Tick labels of a log axis as plain numbers (100 rather than 10^2); minor ticks labelled at
+    2x and 5x only, so neighbours (90, 100) never collide."""
+    from matplotlib.ticker import FuncFormatter
+
+    target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    target.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
 
 
 def perplexity_vs_precision(quality, styles: Styles, out: Path) -> Path | None:
