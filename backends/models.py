@@ -365,3 +365,17 @@ def release_checkpoint_mapping(model) -> int:
                     tensor.data = tensor.data.clone()
                     copied += tensor.numel() * tensor.element_size()
     return copied
+
+
+def max_context_tokens(spec: "ModelSpec | None") -> int | None:
+    """The model's context length in tokens: ``max_position_embeddings`` from its prepared
+    checkpoint's ``config.json`` (``checkpoint_dir(spec)``), or None without a spec (a backend not
+    loaded yet) or when the config does not say. Workloads use it to refuse, not clip, lengths
+    beyond the context."""
+    if spec is None:
+        return None
+    path = checkpoint_dir(spec) / "config.json"
+    if not path.is_file():
+        return None
+    value = json.loads(path.read_text(encoding="utf-8")).get("max_position_embeddings")
+    return int(value) if isinstance(value, int) else None

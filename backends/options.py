@@ -47,6 +47,19 @@ class BackendOptions(BaseModel):
         return rows
 
 
+def check_sink_window(sliding_window: int, attention_sink: int) -> None:
+    """Validate a sliding-window / attention-sink pair (tokens; ``sliding_window`` 0 = off), the
+    rule shared by ``mlc`` and the transformers backends.
+
+    Raises:
+        ValueError: a sink without a window, or a sink not smaller than the window.
+    """
+    if attention_sink and not sliding_window:
+        raise ValueError("attention_sink needs sliding_window > 0")
+    if sliding_window and attention_sink >= sliding_window:
+        raise ValueError("attention_sink must be smaller than sliding_window")
+
+
 def _describe_error(exc: ValidationError, backend: str, cls: type[BackendOptions]) -> str:
     error = exc.errors()[0]
     key = ".".join(str(part) for part in error["loc"])

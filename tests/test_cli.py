@@ -126,7 +126,7 @@ def test_expanded_unavailable_variants_are_left_out_named_ones_recorded():
     ("mlc:q4f16_1", "mlc.sliding_window=wide", "mlc: option sliding_window='wide': Input should be a valid integer"),
     ("mlc:q0f32", "mlc.attention_sink=4", "mlc: attention_sink needs sliding_window > 0"),
     ("hf:fp32", "mlc.sliding_window=8", "option 'mlc.sliding_window' is for backend 'mlc', which is not in this run"),
-    ("hf:fp32,bnb:nf4", "window=8", "unknown option 'window' for backends hf, bnb; valid: attn, compute_dtype"),
+    ("hf:fp32,bnb:nf4", "window=8", "unknown option 'window' for backends hf, bnb; valid: attention_sink, attn, compute_dtype"),
 ])
 def test_bad_backend_option_is_one_line_exit_2(backends, option, needle, capsys):
     """Each backend's unknown, ill-typed and out-of-range options, typed as a new user would."""

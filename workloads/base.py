@@ -46,15 +46,24 @@ class Metric:
     description: str
 
 
-def positive_ints(text: str) -> list[int]:
-    """argparse type: ``"128,512"`` -> ``[128, 512]``, every value >= 1."""
+def _int_list(text: str, minimum: int, wanted: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    if not values or min(values) < minimum:
+        raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
     return values
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type: ``"128,512"`` -> ``[128, 512]``, every value >= 1."""
+    return _int_list(text, 1, "positive integers")
+
+
+def non_negative_ints(text: str) -> list[int]:
+    """argparse type: ``"0,50,100"`` -> ``[0, 50, 100]``, every value >= 0."""
+    return _int_list(text, 0, "integers >= 0")
 
 
 def positive_int(text: str) -> int:
@@ -134,7 +143,8 @@ class Workload(abc.ABC):
                                    default=f.default, help=f"{meta['help']} (default {f.default})")
                 continue
             if meta.get("sweep"):
-                kind, default = positive_ints, list(meta["cli_default"])
+                kind = positive_ints if meta["minimum"] >= 1 else non_negative_ints
+                default = list(meta["cli_default"])
             else:
                 kind, default = (positive_int if meta["minimum"] >= 1 else non_negative_int), f.default
             shown = ",".join(map(str, default)) if isinstance(default, list) else default

@@ -14,6 +14,8 @@ WORKLOADS: dict[str, str] = {
     "latency": "workloads.latency:LatencyWorkload",
     "wikitext2": "workloads.wikitext2:WikiText2Workload",
     "squad": "workloads.squad:SquadWorkload",
+    "squad-long": "workloads.squad_long:SquadLongWorkload",
+    "wikitext2-long": "workloads.wikitext2_long:WikiText2LongWorkload",
 }
 DEFAULT_WORKLOADS = ("latency", "wikitext2")
 

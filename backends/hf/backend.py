@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from backends.base import (
     Availability,
@@ -27,7 +27,7 @@ from backends.base import (
 from backends.device import default_device, dtype_availability
 from backends.kv import kv_fp16_analytic_bytes
 from backends.models import ModelError, ModelSpec, TorchLoadOptions, load_causal_lm
-from backends.options import BackendOptions
+from backends.options import BackendOptions, check_sink_window
 from backends.tokens import left_pad, stop_token_set, trim_at_stop
 
 
@@ -35,6 +35,16 @@ class TransformersOptions(BackendOptions):
     """Options of the transformers backends (``hf``, and the ``bnb`` / ``kvq`` ones built on it)."""
 
     attn: Literal["sdpa", "eager"] = Field("sdpa", description="attention implementation")
+    sliding_window: int = Field(0, ge=0, description="StreamingLLM cache: keep only the last N tokens' KV "
+                                "(plus the sink; 0 = off)")
+    attention_sink: int = Field(0, ge=0, description="with a sliding window, also keep the first N tokens")
+    window_chunk: int = Field(256, ge=1, description="tokens per forward when scoring through the "
+                              "sliding-window cache (exact for any value: an explicit mask)")
+
+    @model_validator(mode="after")
+    def _sink_within_window(self):
+        check_sink_window(self.sliding_window, self.attention_sink)
+        return self
 
 
 class TokenTimer:
@@ -163,8 +173,10 @@ def cache_bytes(cache) -> int:
 
 
 def cache_tokens(cache, batch: int) -> int:
-    """Cached positions in ``cache`` summed over the batch (padding included: it is stored)."""
-    return int(cache.get_seq_length()) * batch
+    """Cached positions in ``cache`` summed over the batch (padding included: it is stored); for a
+    ``SinkWindowCache`` the positions it holds, not the tokens it has seen."""
+    held = getattr(cache, "held_positions", None)
+    return (len(held()) if held is not None else int(cache.get_seq_length())) * batch
 
 
 class TransformersBackend(Backend):
@@ -210,7 +222,12 @@ class TransformersBackend(Backend):
     def new_cache(self):
         """A fresh, empty KV cache for one generation or scoring pass (a transformers ``Cache``).
         The default is the ``DynamicCache`` ``generate`` would build itself; the quantized-KV
-        backend returns its quantized / hybrid caches."""
+        backend returns its quantized / hybrid caches. With ``sliding_window`` set it is a
+        ``SinkWindowCache`` (StreamingLLM sink + window, ``backends.hf.sink_cache``)."""
+        if self.options.sliding_window:
+            from backends.hf.sink_cache import SinkWindowCache
+
+            return SinkWindowCache(self.model.config, self.options.sliding_window, self.options.attention_sink)
         from transformers import DynamicCache
 
         return DynamicCache(config=self.model.config)
@@ -250,6 +267,9 @@ class TransformersBackend(Backend):
         import torch
 
         ids, mask = left_pad(request.prompt_token_ids, self.special.pad_id)
+        if self.options.sliding_window and not mask.all():
+            raise BackendError(f"{self.label}: sliding_window needs prompts of equal length in a batch "
+                               "(left padding would sit in the attention sink)")
         input_ids = torch.from_numpy(ids).to(self.device)
         attention_mask = torch.from_numpy(mask).to(self.device)
         stop_ids = stop_token_set(self.special.eos_ids, request.stop_token_ids)
@@ -291,9 +311,16 @@ class TransformersBackend(Backend):
         )
 
     def _score_logits(self, window: ScoringWindow) -> np.ndarray:
-        """One forward pass over the window (no cache); float32 ``[window.n_scored, vocab]``."""
+        """One forward pass over the window (no cache); float32 ``[window.n_scored, vocab]``.
+        With ``sliding_window`` set, every token goes through a ``SinkWindowCache`` instead, in
+        chunks of ``window_chunk`` with the exact sink + window mask (``sink_window_logits``)."""
         import torch
 
+        if self.options.sliding_window:
+            from backends.hf.sink_cache import sink_window_logits
+
+            return sink_window_logits(self.model, self.new_cache(), window.token_ids, window.first_scored,
+                                      self.options.window_chunk, self.device)
         ids = torch.tensor([list(window.token_ids)], dtype=torch.long, device=self.device)
         first = window.first_scored
         with torch.inference_mode():
@@ -312,10 +339,22 @@ class TransformersBackend(Backend):
             "threads": torch.get_num_threads(),
             "compute_dtype": self.compute_dtype,
             "attn_implementation": getattr(config, "_attn_implementation", None),
-            "kv_cache": {"type": "DynamicCache", "dtype": self.compute_dtype},
+            "kv_cache": self.window_info() or {"type": "DynamicCache", "dtype": self.compute_dtype},
             "quantization": {**self.quantization_info(),
                              **(weight_groups(self.model) if self.model is not None else {})},
         }
+
+    def window_info(self) -> dict[str, Any]:
+        """The sink + sliding-window cache's settings for ``info()`` ({} when it is off)."""
+        o = self.options
+        if not o.sliding_window:
+            return {}
+        return {"type": "SinkWindowCache", "dtype": self.compute_dtype, "sliding_window": o.sliding_window,
+                "attention_sink": o.attention_sink,
+                "held": "first attention_sink + last sliding_window positions (window excludes the sink, "
+                        "as mlc)",
+                "positions": "keys keep their original RoPE positions (not re-positioned in the cache)",
+                "scoring": f"every token through the cache, chunks of {o.window_chunk} with an exact mask"}
 
     def close(self) -> None:
         super().close()

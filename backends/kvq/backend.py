@@ -128,6 +128,9 @@ class KVQuantBackend(TransformersBackend):
         self.q_group_size: int | None = None  # resolved against head_dim in _load()
 
     def check_options(self) -> None:
+        if self.quantized and self.options.sliding_window:
+            raise BackendError(f"{self.label}: sliding_window works with kvq:fp16 only (the quantized "
+                               "caches cannot evict positions)")
         if self.quantized and self.options.quant_backend == "hqq" and not _installed("hqq"):
             raise BackendError(f"{self.label}: quant_backend=hqq needs the hqq package: pip install hqq")
 
@@ -245,6 +248,8 @@ class KVQuantBackend(TransformersBackend):
         through a fresh cache, then the rest is fed in chunks of at most ``score_chunk`` tokens
         (see ``backends.kvq.scoring``), so every scored token attends to keys and values that went
         through the cache. float32 ``[window.n_scored, vocab]``."""
+        if self.options.sliding_window:  # kvq:fp16 only (check_options): the sink + window path
+            return super()._score_logits(window)
         from backends.kvq.scoring import cached_logits
 
         return cached_logits(self.model, self.new_cache(), window.token_ids, window.first_scored,
@@ -265,7 +270,9 @@ class KVQuantBackend(TransformersBackend):
             "full_precision_dtype": self.compute_dtype,
             "scoring": f"through the cache, prefill then chunks of {self.score_chunk} tokens",
         }
-        if not self.quantized:
+        if self.options.sliding_window:
+            kv.update(self.window_info())
+        elif not self.quantized:
             kv["type"] = "DynamicCache"
             kv["note"] = "the unquantized cache in the model dtype (fp32 on CPU, fp16 on CUDA)"
         else:

@@ -24,7 +24,7 @@ from backends.device import cpu_flags
 from backends.kv import kv_bytes_per_token
 from backends.models import ModelSpec
 from backends.mlc.quant import CPU_COLUMN_TILE, MODES
-from backends.options import BackendOptions
+from backends.options import BackendOptions, check_sink_window
 from backends.tokens import stop_token_set
 
 
@@ -55,10 +55,7 @@ class MLCOptions(BackendOptions):
 
     @model_validator(mode="after")
     def _sink_within_window(self):
-        if self.attention_sink and not self.sliding_window:
-            raise ValueError("attention_sink needs sliding_window > 0")
-        if self.sliding_window and self.attention_sink >= self.sliding_window:
-            raise ValueError("attention_sink must be smaller than sliding_window")
+        check_sink_window(self.sliding_window, self.attention_sink)
         return self
 
 
@@ -238,6 +235,15 @@ class MLCBackend(Backend):
                 "context_window": o.context_window, "prefill_chunk": o.prefill_chunk,
                 "sliding_window": o.sliding_window, "attention_sink": o.attention_sink,
                 "max_batch": o.max_batch,
+                # scoring (perplexity) calls: see runtime.Session.score_plan and docs/backends/mlc.md
+                "score_chunk": 1 if o.sliding_window else o.prefill_chunk,
+                "score_prefix": (o.sliding_window + o.attention_sink) or None,
+                "score_attention": (
+                    f"with the sliding window: positions < {o.sliding_window + o.attention_sink} in prefill "
+                    f"calls of {o.prefill_chunk} (nothing evicted yet), then one token per decode call; a "
+                    f"scored token at position t attends to positions [0, {o.attention_sink}), "
+                    f"[t - {o.sliding_window}, t - 1] and itself, as in generation"
+                    if o.sliding_window else "full causal attention"),
                 "honoured": ["context_window", "prefill_chunk", "sliding_window",
                              "attention_sink", "max_batch"],
                 "not_honoured": {"page_size": "fixed at 16 tokens: other sizes fail TVM 0.27's "

@@ -132,12 +132,16 @@ class Session:
                    for n in self._lengths.values())
 
     def add_sequence(self, kv, seq_id: int) -> None:
-        """Register a new, empty sequence (with the sliding window / sink when configured)."""
+        """Register a new, empty sequence (with the sliding window / sink when configured).
+
+        TVM's ``sliding_window_size`` counts the sink (the cache holds that many positions in
+        all); this project's convention (docs/metrics.md, shared with ``hf``) does not, so TVM is
+        given ``sliding_window + attention_sink``: sink + the last ``sliding_window`` positions."""
         self._add(kv, seq_id)
         self._lengths[seq_id] = 0
         o = self.kv_options
         if o.sliding_window:
-            self._sliding(kv, seq_id, o.sliding_window, o.attention_sink)
+            self._sliding(kv, seq_id, o.sliding_window + o.attention_sink, o.attention_sink)
 
     def remove_sequence(self, kv, seq_id: int) -> None:
         self._remove(kv, seq_id)
@@ -195,23 +199,48 @@ class Session:
                             self._ids([tokens[s] for s in seq_ids], (-1, 1))).numpy()
         return {sid: out[row, 0] for row, sid in enumerate(seq_ids)}
 
+    def score_plan(self, n: int) -> tuple[int, int]:
+        """How ``score_logits`` splits the ``n - 1`` predicting positions of an ``n``-token window:
+        ``(prefix, chunk)``, the first ``prefix`` positions in prefill calls of ``chunk`` tokens,
+        the rest one token per call (``decode``, as generation does).
+
+        Without a sliding window everything is prefilled: ``(n - 1, prefill_chunk)``. With one,
+        TVM's paged KV cache (``BeginForward``; ``paged_kv_cache.cc`` of apache/tvm) builds the
+        page table a call attends to before it appends and slides (``ReserveAppendLengthInSeq``
+        -> ``SlideWindowForSequence``), and the call's new tokens attend to each other causally
+        in full (ragged self-attention): the window is only applied between calls. So a query in
+        a multi-token call sees more history than the window keeps, and only one token per call
+        attends to exactly what generation would: the first ``attention_sink`` positions + the
+        last ``sliding_window`` positions before it + itself. The first ``sliding_window +
+        attention_sink`` positions are exact in larger calls too (nothing is evicted before them).
+        """
+        o = self.kv_options
+        if not o.sliding_window:
+            return n - 1, o.prefill_chunk
+        return min(n - 1, o.sliding_window + o.attention_sink), o.prefill_chunk
+
     def score_logits(self, token_ids: Sequence[int], first_scored: int) -> np.ndarray:
         """The logits that predict ``token_ids[i]`` for ``i >= first_scored``, float32
-        ``[n - first_scored, vocab]``, computed chunk by chunk through the KV cache (only the
-        chunks that hold a scored position are kept)."""
+        ``[n - first_scored, vocab]``, computed through the KV cache in the calls ``score_plan``
+        gives (only the calls that hold a scored position keep their logits): with a sliding
+        window, every scored token attends to what the window + sink keep, as in generation."""
         n = len(token_ids)
         kv = self.cache(1, -(-n // self.kv_options.page_size) * self.kv_options.page_size)
         sid = 1 << 20
         self.add_sequence(kv, sid)
         picked = []
+        prefix, chunk = self.score_plan(n)
         try:
-            chunk = self.kv_options.prefill_chunk
-            for start in range(0, n - 1, chunk):
-                stop = min(start + chunk, n - 1)  # positions start..stop-1 predict start+1..stop
+            for start in range(0, prefix, chunk):
+                stop = min(start + chunk, prefix)  # positions start..stop-1 predict start+1..stop
                 logits = self._forward("score", kv, [sid], [stop - start],
                                        self._ids(token_ids[start:stop], (1, -1))).numpy()[0]
                 if stop > first_scored - 1:  # row j predicts token start + j + 1
                     picked.append(np.asarray(logits[max(0, first_scored - 1 - start):], dtype=np.float32))
+            for pos in range(prefix, n - 1):  # sliding window: one token per call
+                row = self.decode(kv, {sid: int(token_ids[pos])})[sid]
+                if pos >= first_scored - 1:
+                    picked.append(np.asarray(row, dtype=np.float32)[None])
         finally:
             self.remove_sequence(kv, sid)
         return np.concatenate(picked)
