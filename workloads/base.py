@@ -26,6 +26,23 @@ class WorkloadError(RuntimeError):
     """The workload cannot run (missing data, bad parameters, a refused combination); one line."""
 
 
+BEYOND_CONTEXT = "beyond the model's context"  # marks a refused length in a failed record
+
+
+def refuse_beyond_context(what: str, tokens: int, context: int | None) -> None:
+    """Refuse, never clip, ``tokens`` that do not fit the model's ``context``
+    (``max_position_embeddings``, ``backends.models.max_context_tokens``; None: unknown, nothing
+    to check against).
+
+    Raises:
+        WorkloadError: ``tokens > context``; the message starts with ``what`` and contains
+            ``BEYOND_CONTEXT``.
+    """
+    if context is not None and tokens > context:
+        raise WorkloadError(f"{what} is {BEYOND_CONTEXT} ({context} tokens, max_position_embeddings); "
+                            "refused, not clipped")
+
+
 @dataclass
 class WorkloadResult:
     """``metrics``: summary numbers for tables, named ``{metric}_{unit}``; ``samples``: the raw

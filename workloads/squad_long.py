@@ -31,14 +31,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from backends.models import max_context_tokens
-from workloads.base import Metric, Progress, Workload, WorkloadError, WorkloadParams, WorkloadResult, param
+from workloads.base import (BEYOND_CONTEXT, Metric, Progress, Workload, WorkloadError, WorkloadParams, WorkloadResult,
+                            param, refuse_beyond_context)
 from workloads.data import SQUAD_GLOB, WIKITEXT2_FILE, wikitext2_token_ids
 from workloads.squad import (MAX_NEW_TOKENS, PROMPT_VERSION, SquadQuestion, build_prompt, clean_output, load_squad,
                              stop_token_ids)
 from workloads.squad_scoring import aggregate, is_empty_output, score_prediction
 
 CONTEXT_SLOT = "\x00HAYSTACK\x00"  # stands for the context in the rendered prompt, split out again
-REFUSED = "beyond the model's context"  # the phrase that marks a refused length in a failed record
+REFUSED = BEYOND_CONTEXT  # the phrase that marks a refused length in a failed record
 
 
 @dataclass
@@ -122,9 +123,8 @@ def check_context(length: int, context: int | None) -> None:
     Raises:
         WorkloadError: ``length + MAX_NEW_TOKENS > context`` (the message contains ``REFUSED``).
     """
-    if context is not None and length + MAX_NEW_TOKENS > context:
-        raise WorkloadError(f"squad-long length {length} (+{MAX_NEW_TOKENS} answer tokens) is {REFUSED} "
-                            f"({context} tokens, max_position_embeddings); refused, not clipped")
+    refuse_beyond_context(f"squad-long length {length} (+{MAX_NEW_TOKENS} answer tokens)", length + MAX_NEW_TOKENS,
+                          context)
 
 
 def prompt_parts(tokenizer, q: SquadQuestion) -> tuple[list[int], list[int], list[int]]:

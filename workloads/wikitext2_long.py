@@ -30,13 +30,14 @@ from typing import Any
 import numpy as np
 
 from backends.base import ScoringWindow
-from workloads.base import Metric, Progress, Workload, WorkloadError, WorkloadParams, WorkloadResult, param
+from workloads.base import (BEYOND_CONTEXT, Metric, Progress, Workload, WorkloadError, WorkloadParams, WorkloadResult,
+                            param, refuse_beyond_context)
 from workloads.data import WIKITEXT2_FILE, wikitext2_token_ids
 from workloads.metrics import perplexity
 from backends.models import max_context_tokens
 from workloads.wikitext2 import adds_bos
 
-REFUSED = "beyond the model's context"  # the phrase that marks a refused length in a failed record
+REFUSED = BEYOND_CONTEXT  # the phrase that marks a refused length in a failed record
 
 
 @dataclass
@@ -78,14 +79,12 @@ def long_segments(token_ids, length: int, tail: int, segments: int, bos: int | N
 
 
 def check_context(length: int, context: int | None) -> None:
-    """Refuse a ``length`` the model was not built for.
+    """Refuse a ``length`` the model was not built for (``workloads.base.refuse_beyond_context``).
 
     Raises:
         WorkloadError: ``length > context`` (the message contains ``REFUSED``).
     """
-    if context is not None and length > context:
-        raise WorkloadError(f"wikitext2-long length {length} is {REFUSED} ({context} tokens, "
-                            "max_position_embeddings); refused, not clipped")
+    refuse_beyond_context(f"wikitext2-long length {length}", length, context)
 
 
 class WikiText2LongWorkload(Workload):
