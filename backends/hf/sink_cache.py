@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from backends.hf.chunked import check_scoring_args, chunked_logits
 from backends.options import check_sink_window
 
 
@@ -152,30 +153,14 @@ def sink_window_logits(model, cache: SinkWindowCache, token_ids: Sequence[int], 
         ValueError: ``first_scored`` or ``chunk`` out of range.
     """
     n = len(token_ids)
-    if not 1 <= first_scored <= n:
-        raise ValueError(f"first_scored must be in 1..{n}, got {first_scored}")
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
-    ids = torch.tensor([list(token_ids)], dtype=torch.long, device=device)
+    check_scoring_args(n, first_scored, chunk)
     dtype = next(model.parameters()).dtype
     dtype = dtype if dtype.is_floating_point else torch.float32
-    pieces = []
-    with torch.inference_mode():
-        for start in range(0, n - 1, chunk):
-            stop = min(start + chunk, n - 1)
-            # rows start..stop-1 predict tokens start+1..stop; keep those predicting scored ones
-            keep_from = None if stop < first_scored else max(start, first_scored - 1) - start
-            held = cache.layers[0].positions.to(device) if cache.layers[0].is_initialized else \
-                torch.zeros(0, dtype=torch.long, device=device)
-            out = model(
-                input_ids=ids[:, start:stop],
-                past_key_values=cache,
-                use_cache=True,
-                cache_position=torch.arange(start, stop, device=device),
-                attention_mask=sink_window_mask(held, start, stop, cache.window, cache.sink, dtype),
-            )
-            if keep_from is not None:
-                pieces.append(out.logits[0, keep_from:].float().cpu().numpy())
-    if not pieces:
-        return np.zeros((0, model.config.get_text_config(decoder=True).vocab_size), dtype=np.float32)
-    return np.concatenate(pieces)
+
+    def mask(start: int, stop: int):
+        layer = cache.layers[0]
+        held = layer.positions.to(device) if layer.is_initialized else torch.zeros(0, dtype=torch.long, device=device)
+        return sink_window_mask(held, start, stop, cache.window, cache.sink, dtype)
+
+    bounds = [(start, min(start + chunk, n - 1)) for start in range(0, n - 1, chunk)]
+    return chunked_logits(model, cache, token_ids, first_scored, bounds, device, mask)

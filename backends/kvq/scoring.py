@@ -21,6 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
+from backends.hf.chunked import check_scoring_args, chunked_logits
+
 
 def cached_logits(model, cache, token_ids: Sequence[int], first_scored: int, chunk: int, device: str) -> np.ndarray:
     """The logits that predict ``token_ids[first_scored:]``, computed through ``cache``.
@@ -39,28 +41,9 @@ def cached_logits(model, cache, token_ids: Sequence[int], first_scored: int, chu
     Raises:
         ValueError: ``first_scored`` or ``chunk`` out of range.
     """
-    import torch
-
     n = len(token_ids)
-    if not 1 <= first_scored <= n:
-        raise ValueError(f"first_scored must be in 1..{n}, got {first_scored}")
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    check_scoring_args(n, first_scored, chunk)
     if first_scored == n:
         return np.zeros((0, model.config.get_text_config(decoder=True).vocab_size), dtype=np.float32)
-    ids = torch.tensor([list(token_ids)], dtype=torch.long, device=device)
-    pieces = []
-    with torch.inference_mode():
-        bounds = [(0, first_scored)] + [
-            (start, min(start + chunk, n - 1)) for start in range(first_scored, n - 1, chunk)
-        ]
-        for start, stop in bounds:
-            out = model(
-                input_ids=ids[:, start:stop],
-                past_key_values=cache,
-                use_cache=True,
-                cache_position=torch.arange(start, stop, device=device),
-            )
-            # logits at positions start..stop-1 predict tokens start+1..stop; keep the scored ones
-            pieces.append(out.logits[0, max(start, first_scored - 1) - start :].float().cpu().numpy())
-    return np.concatenate(pieces)
+    bounds = [(0, first_scored)] + [(start, min(start + chunk, n - 1)) for start in range(first_scored, n - 1, chunk)]
+    return chunked_logits(model, cache, token_ids, first_scored, bounds, device)
