@@ -29,3 +29,24 @@ def data_dir() -> Path:
 
 
 pytest_plugins = ["harness.pytest_plugin"]
+
+
+@pytest.fixture(scope="module")
+def tiny_backends(tiny_model):
+    """``get(name, variant, **options)``: a backend loaded on the tiny model, one per
+    (name, variant, options), reused within the test module and closed after it."""
+    from backends.base import backend_class
+
+    loaded = {}
+
+    def get(name: str, variant: str, **options):
+        key = (name, variant, tuple(sorted(options.items())))
+        if key not in loaded:
+            backend = backend_class(name)(variant, options)
+            backend.load(tiny_model)
+            loaded[key] = backend
+        return loaded[key]
+
+    yield get
+    for backend in loaded.values():
+        backend.close()

@@ -16,21 +16,9 @@ PROMPTS = [list(range(200, 230)), list(range(300, 312))]  # batch of 2, left-pad
 
 
 @pytest.fixture(scope="module")
-def kvq(tiny_model):
+def kvq(tiny_backends):
     """Loaded kvq backends on the tiny model, one per variant (hybrid: layer 0 full, layer 1 int2)."""
-    loaded = {}
-
-    def get(variant, **options):
-        key = (variant, tuple(sorted(options.items())))
-        if key not in loaded:
-            backend = backend_class("kvq")(variant, options)
-            backend.load(tiny_model)
-            loaded[key] = backend
-        return loaded[key]
-
-    yield get
-    for backend in loaded.values():
-        backend.close()
+    return lambda variant, **options: tiny_backends("kvq", variant, **options)
 
 
 def expected_quantized_bytes(config, tokens: int, bits: int, group: int, scale_bytes: int) -> int:

@@ -36,11 +36,8 @@ def onnx_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hf(tiny_model):
-    backend = TransformersBackend("fp32", {"threads": 2})
-    backend.load(tiny_model)
-    yield backend
-    backend.close()
+def hf(tiny_backends):
+    return tiny_backends("hf", "fp32", threads=2)
 
 
 @pytest.fixture(scope="module")

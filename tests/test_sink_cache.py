@@ -16,21 +16,9 @@ TOKENS = tuple(range(300, 360))  # 60 tokens
 
 
 @pytest.fixture(scope="module")
-def hf(tiny_model):
+def hf(tiny_backends):
     """Loaded hf:fp32 backends on the tiny model, keyed by their options."""
-    loaded = {}
-
-    def get(**options):
-        key = tuple(sorted(options.items()))
-        if key not in loaded:
-            backend = backend_class("hf")("fp32", {"threads": 1, **options})
-            backend.load(tiny_model)
-            loaded[key] = backend
-        return loaded[key]
-
-    yield get
-    for backend in loaded.values():
-        backend.close()
+    return lambda **options: tiny_backends("hf", "fp32", threads=1, **options)
 
 
 def expected_positions(n: int, window: int, sink: int) -> list[int]:

@@ -32,11 +32,8 @@ def test_greedy_decode_reports_the_request_start_and_stamps_none_of_its_own():
 
 
 @pytest.fixture(scope="module")
-def hf(tiny_model):
-    backend = TransformersBackend("fp32", {"threads": 2})
-    backend.load(tiny_model)
-    yield backend
-    backend.close()
+def hf(tiny_backends):
+    return tiny_backends("hf", "fp32", threads=2)
 
 
 def test_hf_start_precedes_kv_cache_creation(hf, monkeypatch):
