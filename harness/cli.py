@@ -196,7 +196,7 @@ def command_sweep(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     from harness.console import console
-    from harness.env import fingerprint
+    from harness.env import package_versions
     from harness.plan import cell_key
     from harness.sweep import load_sweep, plan_sweep
     from reports.records import recover_jsonl
@@ -225,7 +225,7 @@ def command_sweep(args: argparse.Namespace) -> int:
                              "or choose another --out")
         previous = recover_jsonl(results_path)
     done = {r.get("cell_key") for r in previous if r["status"] == "ok"}
-    packages = fingerprint().get("packages", {})
+    packages = package_versions()  # the cell key needs only these, not the whole fingerprint (a bandwidth run)
     total = sum(len(job.cells) for job in jobs)
     for job in jobs:
         job.cells = [c for c in job.cells if cell_key(spec.to_dict(), job, c, packages) not in done]

@@ -55,7 +55,8 @@ def _cuda_version() -> str | None:
     return None
 
 
-def _versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages that shape results (``PACKAGES``), by name."""
     found = {}
     for name in PACKAGES:
         try:
@@ -204,7 +205,7 @@ def fingerprint() -> dict[str, Any]:
         "cuda_driver": _cuda_version(),
         "os": platform.platform(),
         "python": platform.python_version(),
-        "packages": _versions(),
+        "packages": package_versions(),
         "git_commit": git_commit(),
         "threads_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
         "memory_bandwidth_bytes_s": bandwidth["bytes_s"],
