@@ -5,7 +5,10 @@ workload), fixed backend options, and ``axes``: the grid. An axis is a workload 
 (``n_in``, or its flag name ``input_lens``) or a backend option (``mlc.sliding_window``).
 ``link`` zips axes that move together (equal lengths) instead of crossing them. An axis a backend
 or workload does not have is not crossed with it: hf rows are not repeated per mlc option, and
-perplexity cells are not repeated per prompt length. Backend option values are checked against
+perplexity cells are not repeated per prompt length. ``exclude`` drops combinations from the grid
+as GitHub Actions' ``matrix.exclude`` does: an entry (``{workload: squad-long,
+mlc.sliding_window: 512}``) removes every cell that matches all of its keys (``backend``,
+``workload`` or an axis). Backend option values are checked against
 each backend's typed options when the file loads, so a bad value fails before anything runs, with
 the file's line.
 """
@@ -43,6 +46,8 @@ class SweepSpec(BaseModel):
     backend_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     axes: dict[str, list[Any]] = Field(default_factory=dict)
     link: list[list[str]] = Field(default_factory=list)
+    exclude: list[dict[str, Any]] = Field(
+        default_factory=list, description="combinations to drop: each entry's keys (backend, workload, axes) all match")
     baseline: str | None = Field(None, description="the NAME:VARIANT label the others are compared with, as "
                                  "run --baseline ('none': no comparison; default hf:fp32 on CPU, hf:fp16 on CUDA)")
     scales: dict[str, dict[str, Any]] = Field(
@@ -193,6 +198,7 @@ def plan_sweep(spec: SweepSpec, path: Path, workloads: list[str]) -> tuple[list[
             raise where.error(("link",), f"linked axes {group} must all be options of one backend or all "
                               "workload parameters")
     cells = _cells(spec, workloads, groups, kinds, where)
+    _check_exclude(spec, workloads, where)
     runnable, left_out = runnable_pairs(pairs)
     jobs = []
     for name, variant, availability in runnable:
@@ -207,8 +213,49 @@ def plan_sweep(spec: SweepSpec, path: Path, workloads: list[str]) -> tuple[list[
                 at = f" (at {', '.join(f'{a}={v}' for a, v in point.items())})" if point else ""
                 raise where.error(keys, f"{exc}{at}") from None
             tag = ",".join(f"{a.partition('.')[2]}={v}" for a, v in point.items())
-            jobs.append(Job(name, variant, options, list(cells), None if availability.ok else availability.reason, tag))
+            kept = [cell for cell in cells if not any(_excludes(entry, name, variant, point, cell)
+                                                      for entry in spec.exclude)]
+            if kept:
+                jobs.append(Job(name, variant, options, kept, None if availability.ok else availability.reason, tag))
     return jobs, left_out
+
+
+def _check_exclude(spec: SweepSpec, workloads: list[str], where: _Located) -> None:
+    """Every ``exclude`` entry is a non-empty mapping of ``backend``, ``workload`` and axis names.
+
+    Raises:
+        SweepError: an empty entry, or a key that is none of those (file, line, key).
+    """
+    for index, entry in enumerate(spec.exclude):
+        if not entry:
+            raise where.error(("exclude", index), "an empty entry would drop every cell")
+        for key, value in entry.items():
+            if key not in ("backend", "workload") and key not in spec.axes:
+                raise where.error(("exclude", index, key), "not 'backend', 'workload' nor an axis of this sweep")
+            if key == "workload" and value not in workloads:
+                raise where.error(("exclude", index, key), f"not a workload of this sweep ({', '.join(workloads)})")
+
+
+def _excludes(entry: dict[str, Any], backend: str, variant: str, point: dict[str, Any], cell: Cell) -> bool:
+    """True when ``cell`` of the job ``backend:variant`` at option ``point`` matches every key of
+    ``entry``: ``backend`` (NAME or NAME:VARIANT), ``workload``, a backend option axis (by the job's
+    point) or a workload parameter axis (by the cell's parameters; a workload without it never
+    matches)."""
+    for key, value in entry.items():
+        if key == "backend":
+            if str(value) not in (backend, f"{backend}:{variant}"):
+                return False
+        elif key == "workload":
+            if value != cell.workload:
+                return False
+        elif "." in key:
+            if key not in point or point[key] != value:
+                return False
+        else:
+            field = workload_class(cell.workload).param_names().get(key)
+            if field is None or cell.params.get(field) != value:
+                return False
+    return True
 
 
 def _cells(spec: SweepSpec, workloads: list[str], groups, kinds, where: _Located) -> list[Cell]:
