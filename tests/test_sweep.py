@@ -66,6 +66,40 @@ link: [[mlc.sliding_window, mlc.attention_sink]]
     assert [c.params["batch"] for c in jobs[0].cells] == [1, 2]
 
 
+def test_exclude_drops_exactly_the_cells_matching_every_key_of_an_entry(tmp_path):
+    path = write(tmp_path, """
+model: tiny-llama
+backends: [hf:fp32, mlc:q0f32]
+workloads: [latency, wikitext2]
+latency: {output_len: 2}
+axes:
+  n_in: [16, 32]
+  mlc.sliding_window: [0, 8]
+exclude:
+  - {workload: latency, mlc.sliding_window: 8}   # mlc windowed job: no latency cells
+  - {backend: hf:fp32, n_in: 32}                 # hf: no 32-token latency cell
+  - {backend: mlc:q4f16_1, workload: wikitext2}  # names a variant not in the sweep: matches nothing
+""")
+    jobs, _ = plan(path)
+    cells = {job.label: [c.cell_id for c in job.cells] for job in jobs}
+    assert cells == {
+        "hf:fp32": ["latency-in16-out2-b1", "wikitext2"],
+        "mlc:q0f32 [sliding_window=0]": ["latency-in16-out2-b1", "latency-in32-out2-b1", "wikitext2"],
+        "mlc:q0f32 [sliding_window=8]": ["wikitext2"],
+    }
+
+
+def test_a_job_whose_every_cell_is_excluded_is_not_planned(tmp_path):
+    path = write(tmp_path, """
+model: tiny-llama
+backends: [hf:fp32, mlc:q0f32]
+workloads: [latency]
+exclude: [{backend: mlc}]
+""")
+    jobs, _ = plan(path)
+    assert [job.label for job in jobs] == ["hf:fp32"]
+
+
 @pytest.mark.parametrize("text,where", [
     ("backends: [hf:fp32]\naxs: {n_in: [1]}\n", ":2: axs: unknown key; valid: model"),
     ("backends: [hf:fp32]\nlatency: {output_len: x}\n", ":2: latency.output_len: latency.n_out must be an integer >= 1"),
@@ -77,6 +111,11 @@ link: [[mlc.sliding_window, mlc.attention_sink]]
     ("backends: [mlc:q0f32]\naxes:\n  mlc.sliding_window: [0, 512]\n  mlc.attention_sink: [0]\n"
      "link: [[mlc.sliding_window, mlc.attention_sink]]\n", ":5: link.0: linked axes need equally many values"),
     ("backends: hf:fp32\n", ":1: backends: Input should be a valid list"),
+    ("backends: [hf:fp32]\nexclude:\n  - {n_layers: 2}\n",
+     ":3: exclude.0.n_layers: not 'backend', 'workload' nor an axis of this sweep"),
+    ("backends: [hf:fp32]\nexclude:\n  - {workload: squad}\n",
+     ":3: exclude.0.workload: not a workload of this sweep (latency, wikitext2)"),
+    ("backends: [hf:fp32]\nexclude:\n  - {}\n", ":3: exclude.0: an empty entry would drop every cell"),
     ("backends: [hf:fp32\n", "not YAML"),
 ])
 def test_malformed_sweep_file_names_the_line_and_the_key(tmp_path, capsys, text, where):
