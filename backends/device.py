@@ -42,8 +42,16 @@ def default_device() -> str:
 
 
 def physical_cores() -> int:
-    """Physical CPU cores of this machine (logical ones where psutil cannot tell)."""
-    return psutil.cpu_count(logical=False) or psutil.cpu_count(logical=True) or 1
+    """Physical CPU cores this process may compute on: the machine's (logical ones where psutil
+    cannot tell), at most the CPUs in its affinity mask (``taskset``, a Slurm allocation) and at
+    most ``HARNESS_THREADS`` when an executor gives a cell a share of a node's CPUs."""
+    import os
+
+    cores = psutil.cpu_count(logical=False) or psutil.cpu_count(logical=True) or 1
+    if hasattr(os, "sched_getaffinity"):
+        cores = min(cores, len(os.sched_getaffinity(0)))
+    share = os.environ.get("HARNESS_THREADS", "")
+    return max(1, min(cores, int(share))) if share.isdigit() and int(share) > 0 else cores
 
 
 def dtype_availability(dtype: str, device: str) -> Availability:

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from backends.base import REGISTRY, backend_class, variant_availability
 from backends.models import EMBEDDED_MODEL, MODELS, ModelError, checkpoint_dir, resolve_model
+from harness import executors
 from harness.plan import Cell, UsageError, baseline_first, build_jobs, parse_backends, parse_workloads
 from reports.records import RESULTS_SUFFIXES, ResultsError, read_records
 from workloads.base import WorkloadError, positive_int
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="NAME.KEY=VALUE for one backend (mlc.sliding_window=1024), KEY=VALUE for every "
                           "chosen backend that has KEY (threads=2); see list --options NAME")
     run.add_argument("--timeout", type=positive_int, default=3600, help="seconds per cell (default 3600)")
+    executors.add_arguments(run)
     run.add_argument("--baseline", metavar="LABEL",
                      help="the NAME:VARIANT the others are compared with (KL divergence, top-1 and greedy-token "
                           "agreement); it runs first; 'none': no comparison (default hf:fp32 on CPU, hf:fp16 on "
@@ -70,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "default: the file's top level (the CPU scale)")
     sweep.add_argument("--dry-run", action="store_true", help="print the cells and their count, run nothing")
     sweep.add_argument("--timeout", type=positive_int, default=3600, help="seconds per cell (default 3600)")
+    executors.add_arguments(sweep)
     listing = sub.add_parser("list", help="backends (with availability), models, workloads")
     listing.add_argument("--options", metavar="BACKEND", choices=list(REGISTRY),
                          help="print one backend's options (name, type, default, description)")
@@ -79,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, help="output folder (default: beside the results)")
     report.add_argument("--baseline", metavar="LABEL",
                         help="the row others are compared with (default: the run's baseline, else hf:fp32 / hf:fp16)")
+    status = sub.add_parser("status", help="what a run or sweep into a folder has done: per backend variant, "
+                            "cells ok / failed / waiting, and Slurm job states")
+    status.add_argument("out", type=Path, help="the run's --out folder")
     compare = sub.add_parser("compare", help="compare two results files (.jsonl/.csv/.sqlite: per-cell "
                              "ratios, changes beyond the noise flagged) or pytest-benchmark JSON runs "
                              "(first = reference)")
@@ -132,11 +138,13 @@ def quality_filtered(spec, workloads: list[str], named: bool) -> list[str]:
 
 
 def execute(spec, jobs, out: Path, run_id: str, timeout: int, previous: list[dict[str, Any]] = (),
-            baseline: str | None = None, baseline_note: str | None = None) -> int:
-    """Run ``jobs`` into ``out`` with progress bars, then print the summary and write the report
-    over ``previous`` records and the new ones. ``baseline``: the label the others are compared
-    with (its job first), or None with ``baseline_note`` saying why. Returns the exit code (1 if
-    a new cell failed)."""
+            baseline: str | None = None, baseline_note: str | None = None, executor=None) -> int:
+    """Run ``jobs`` into ``out`` through ``executor`` (``harness.executors``; default local) with
+    progress bars, then print the summary and write the report over ``previous`` records and the
+    new ones. ``baseline``: the label the others are compared with (its job first), or None with
+    ``baseline_note`` saying why. Returns the exit code (1 if a new cell failed)."""
+    from rich.markup import escape
+
     from harness.console import ProgressObserver, console, make_progress, relative_table, summary_table
     from harness.runner import RunConfig, Runner
     from reports.markdown import render_report
@@ -145,10 +153,13 @@ def execute(spec, jobs, out: Path, run_id: str, timeout: int, previous: list[dic
     cells = sum(len(job.cells) for job in jobs)
     console.print(f"run {run_id}: {spec.name} ({spec.source}); {len(jobs)} backend variants, {cells} cells "
                   f"-> {results_path}")
+    if executor is not None and executor.name != "local":
+        console.print(escape(executor.describe()))
+    write_plan(out, run_id, jobs, executor.name if executor is not None else "local")
     with make_progress() as progress:
         runner = Runner(RunConfig(run_id, spec, results_path, out / "logs", timeout, baseline, baseline_note),
                         ProgressObserver(progress))
-        records = runner.run(jobs, previous)
+        records = runner.run(jobs, previous, executor)
     everything = latest_per_cell([*previous, *records])
     relative = relative_table(everything, baseline) if baseline else None
     if relative is not None:
@@ -158,6 +169,16 @@ def execute(spec, jobs, out: Path, run_id: str, timeout: int, previous: list[dic
                            baseline=baseline)
     console.print(f"results: {results_path} (and results.csv, results.sqlite)\nreport: {report}")
     return 0 if all(r["status"] == "ok" for r in records) else 1
+
+
+def write_plan(out: Path, run_id: str, jobs, executor: str) -> None:
+    """``OUT/plan.json``: the jobs and cells this invocation runs (``harness status`` reads it)."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    plan = {"run_id": run_id, "executor": executor,
+            "jobs": [{"label": job.label, "cells": [c.cell_id for c in job.cells]} for job in jobs]}
+    (out / "plan.json").write_text(json.dumps(plan, indent=1))
 
 
 def latest_per_cell(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -188,8 +209,9 @@ def command_run(args: argparse.Namespace) -> int:
     jobs, baseline, note = baseline_first(jobs, args.baseline)
     console.print(f"baseline: {escape(baseline)}" if baseline else f"[yellow]{escape(note)}[/]")
     run_id = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return execute(spec, jobs, args.out or PROJECT_ROOT / "reports" / "out" / run_id, run_id, args.timeout,
-                   baseline=baseline, baseline_note=note)
+    out = args.out or PROJECT_ROOT / "reports" / "out" / run_id
+    executor = executors.make_executor(args, out)
+    return execute(spec, jobs, out, run_id, args.timeout, baseline=baseline, baseline_note=note, executor=executor)
 
 
 def command_sweep(args: argparse.Namespace) -> int:
@@ -231,6 +253,12 @@ def command_sweep(args: argparse.Namespace) -> int:
         job.cells = [c for c in job.cells if cell_key(spec.to_dict(), job, c, packages) not in done]
     jobs = [job for job in jobs if job.cells]
     todo = sum(len(job.cells) for job in jobs)
+    try:
+        executor = executors.make_executor(args, out, sweep.slurm)
+    except UsageError as exc:
+        if str(exc).startswith("slurm"):  # the file's slurm: section (flags are checked by argparse)
+            raise sweep.located_error(("slurm",), str(exc)) from None
+        raise
     if args.dry_run:
         for job in jobs:
             console.print(f"{escape(job.label)}: {', '.join(c.cell_id for c in job.cells)}")
@@ -239,7 +267,7 @@ def command_sweep(args: argparse.Namespace) -> int:
     if not jobs:
         console.print(f"all {total} cells of {args.file} already have ok records in {results_path}")
         return 0
-    return execute(spec, jobs, out, run_id, args.timeout, previous, baseline, note)
+    return execute(spec, jobs, out, run_id, args.timeout, previous, baseline, note, executor)
 
 
 def command_list(args: argparse.Namespace) -> int:
@@ -332,7 +360,26 @@ def command_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": command_run, "sweep": command_sweep, "list": command_list, "report": command_report,
+def command_status(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from harness.console import console
+    from harness.status import run_status
+
+    rows = run_status(args.out)
+    table = Table(title=f"status of {escape(str(args.out))}")
+    for column in ("backend variant", "ok", "failed", "waiting", "job", "state"):
+        table.add_column(column, justify="right" if column in ("ok", "failed", "waiting") else "left")
+    for row in rows:
+        table.add_row(escape(row.label), str(row.ok), str(row.failed), str(row.waiting), row.job_id, escape(row.state))
+    console.print(table)
+    waiting = sum(row.waiting for row in rows)
+    console.print(f"{sum(r.ok for r in rows)} ok, {sum(r.failed for r in rows)} failed, {waiting} waiting")
+    return 0
+
+
+COMMANDS = {"status": command_status, "run": command_run, "sweep": command_sweep, "list": command_list, "report": command_report,
             "compare": command_compare}
 
 

@@ -190,13 +190,14 @@ def git_commit() -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def fingerprint() -> dict[str, Any]:
-    """CPU model and cores, RAM bytes, GPUs (name, driver), CUDA driver version, Python, package
+    """Hostname, CPU model and cores, RAM bytes, GPUs (name, driver), CUDA driver version, Python, package
     versions and this project's git commit (``-dirty`` with uncommitted changes); the memory
     bandwidth the roofline uses: ``memory_bandwidth_bytes_s`` (host, measured by
     ``memory_bandwidth``, details under ``memory_bandwidth``) and ``gpu_memory_bandwidth`` (NVML
     peak per GPU, ``gpu_memory_bandwidth()``)."""
     bandwidth = memory_bandwidth()
     return {
+        "hostname": platform.node(),
         "cpu": _cpu_model(),
         "cores_physical": psutil.cpu_count(logical=False),
         "cores_logical": psutil.cpu_count(logical=True),

@@ -3,10 +3,13 @@
 Records are appended to ``results.jsonl`` as each cell finishes; ``results.csv`` and
 ``results.sqlite`` (the same rows, ``reports.records``) are rewritten after each backend variant.
 
-Jobs run one after another (never concurrently: they would contend for the same cores and
-memory bandwidth and each would measure the other). A worker that crashes, is killed for memory
-or exceeds the per-cell timeout costs only its current cell: that cell is recorded as failed with
-the reason and a fresh worker continues with the variant's remaining cells.
+Where jobs run is the executor's business (``harness.executors``): locally one after another
+(never concurrently: they would contend for the same cores and memory bandwidth and each would
+measure the other), or as Ray tasks / Slurm jobs that each hold their own GPU or CPUs. The runner
+turns each worker's event stream (``harness.worker_process.worker_events``) into records and is
+safe to call from one thread per concurrent job. A worker that crashes, is killed for memory, is
+lost with its node or exceeds the per-cell timeout costs only its current cell: that cell is
+recorded as failed with the reason and a fresh worker continues with the variant's remaining cells.
 
 With a baseline (``RunConfig.baseline``, run first), every worker learns who the baseline is
 (``workloads.agreement.Comparison``: the baseline's wikitext2 cells write their distributions under
@@ -18,19 +21,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import queue
-import signal
-import subprocess
-import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from backends.models import ModelSpec
 from harness.env import fingerprint
 from harness.plan import Cell, Job, cell_key
+from harness.worker_process import WORKER_EXIT, worker_events
 from reports.records import SCHEMA_VERSION, ResultsWriter, normalize, write_tables
 from workloads.agreement import Comparison, generation_agreement
 
@@ -60,45 +59,70 @@ class RunConfig:
     baseline_note: str | None = None  # why there is none
 
 
-def _pump(stream, events: queue.Queue) -> None:
-    """Move the worker's event lines into a queue (so the runner can wait with a timeout);
-    None marks the end of the stream."""
-    for line in stream:
-        events.put(line)
-    events.put(None)
+Launch = Callable[[dict[str, Any], Path, float], Iterator[dict[str, Any]]]
+"""Starts a worker on a payload and yields its events, ending with ``worker_exit``
+(``worker_events`` locally; ``harness.executors.ray_cluster`` runs it in a Ray task)."""
 
 
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "worker still running"
-    if code < 0:
-        name = signal.Signals(-code).name
-        hint = " (likely killed for memory)" if name == "SIGKILL" else ""
-        return f"worker killed by {name}{hint}"
-    return f"worker exited with code {code}"
+def local_launch(payload: dict[str, Any], log_path: Path, cell_timeout_s: float) -> Iterator[dict[str, Any]]:
+    """A worker process on this machine (``worker_events``)."""
+    return worker_events(payload, log_path, cell_timeout_s)
 
 
 class Runner:
-    def __init__(self, config: RunConfig, observer: Observer | None = None):
+    """Turns jobs into records: starts their workers through a ``Launch``, consumes the events,
+    appends one record per cell to the results file and rewrites the tables after each job."""
+
+    def __init__(self, config: RunConfig, observer: Observer | None = None, env: dict[str, Any] | None = None):
         self.config = config
         self.observer = observer or NullObserver()
         self.writer = ResultsWriter(config.results_path)
-        self.env = fingerprint()
+        self.env = env if env is not None else fingerprint()
         config.log_dir.mkdir(parents=True, exist_ok=True)
         self._baseline_records: dict[tuple[str, str], dict[str, Any]] = {}  # (workload, params) -> record
+        self._lock = threading.RLock()  # records, tables and the observer, when jobs run concurrently
+        self._previous: list[dict[str, Any]] = []
+        self.records: list[dict[str, Any]] = []
 
-    def run(self, jobs: list[Job], previous: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
-        """Run ``jobs`` in order; returns their records. ``previous``: records already in the
-        results file (a resumed sweep), kept in the CSV/SQLite tables beside the new ones."""
-        records: list[dict[str, Any]] = []
+    def run(self, jobs: list[Job], previous: list[dict[str, Any]] = (), executor=None) -> list[dict[str, Any]]:
+        """Run ``jobs`` through ``executor`` (``harness.executors``; default: locally, in order);
+        returns their records. ``previous``: records already in the results file (a resumed
+        sweep), kept in the CSV/SQLite tables beside the new ones."""
+        from harness.executors.local import LocalExecutor
+
+        self._previous = list(previous)
         for record in previous:
             self._remember_baseline(record)
-        for job in jobs:
-            records.extend(self.run_job(job))
-            write_tables([*previous, *records], self.config.results_path.parent)
-        return records
+        (executor or LocalExecutor()).run(self, jobs)
+        return list(self.records)
 
-    def _record(self, job: Job, cell: Cell, status: str, started_at: str, **data: Any) -> dict[str, Any]:
+    def baseline_records(self) -> list[dict[str, Any]]:
+        """The baseline's ok records so far (what a remote job needs for generation agreement)."""
+        with self._lock:
+            return list(self._baseline_records.values())
+
+    def fail_cells(self, job: Job, cells: list[Cell], reason: str) -> list[dict[str, Any]]:
+        """Record ``cells`` of ``job`` as failed with ``reason`` (an executor that lost them)."""
+        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        return [self._record(job, cell, "failed", now, error=reason) for cell in cells]
+
+    def job_finished(self) -> None:
+        """Rewrite the CSV and SQLite tables from every record so far (after each job)."""
+        with self._lock:
+            write_tables([*self._previous, *self.records], self.config.results_path.parent)
+
+    def add_record(self, record: dict[str, Any], job: Job | None = None, cell: Cell | None = None) -> None:
+        """Append a finished record (made here, or by a Slurm job and gathered) to the results
+        file, the baseline index and the observer."""
+        with self._lock:
+            self._remember_baseline(record)
+            self.writer.append(record)
+            self.records.append(record)
+            if job is not None and cell is not None:
+                self.observer.cell_finished(job, cell, record)
+
+    def _record(self, job: Job, cell: Cell, status: str, started_at: str, env: dict[str, Any] | None = None,
+                **data: Any) -> dict[str, Any]:
         record = {
             "schema": SCHEMA_VERSION,
             "run_id": self.config.run_id,
@@ -117,15 +141,14 @@ class Runner:
             "samples": data.pop("samples", {}),
             "load": data.pop("load", None),
             "info": data.pop("info", {}),
-            "env": self.env,
+            "env": env or self.env,
             "started_at": started_at,
             "duration_s": data.pop("duration_s", None),
         }
-        self._add_generation_agreement(record)
-        record = normalize(record)
-        self._remember_baseline(record)
-        self.writer.append(record)
-        self.observer.cell_finished(job, cell, record)
+        with self._lock:
+            self._add_generation_agreement(record)
+            record = normalize(record)
+            self.add_record(record, job, cell)
         return record
 
     @staticmethod
@@ -154,88 +177,83 @@ class Runner:
             agreement.update(generation_agreement(tokens, base["samples"]["token_ids"]))
         record["metrics"]["generation_agreement"] = agreement
 
-    def run_job(self, job: Job) -> list[dict[str, Any]]:
+    def run_job(self, job: Job, launch: Launch = local_launch) -> list[dict[str, Any]]:
+        """Run one job's cells, a fresh worker (through ``launch``) after each one lost; returns
+        its records and rewrites the tables."""
         now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         if job.skip_reason:
-            return [self._record(job, c, "failed", now, error=f"unavailable: {job.skip_reason}")
-                    for c in job.cells]
-        records: list[dict[str, Any]] = []
-        pending = list(job.cells)
-        while pending:
-            done = self._run_worker(job, pending)
-            records.extend(done)
-            pending = pending[len(done):]
+            records = [self._record(job, c, "failed", now, error=f"unavailable: {job.skip_reason}") for c in job.cells]
+        else:
+            records = []
+            pending = list(job.cells)
+            while pending:
+                done = self._run_worker(job, pending, launch)
+                records.extend(done)
+                pending = pending[len(done):]
+        self.job_finished()
         return records
 
-    def _run_worker(self, job: Job, cells: list[Cell]) -> list[dict[str, Any]]:
+    def payload(self, job: Job, cells: list[Cell]) -> dict[str, Any]:
+        """What a worker needs to run ``cells`` of ``job`` (JSON-serialisable)."""
+        return {"backend": job.backend, "variant": job.variant, "options": job.options,
+                "model": self.config.model.to_dict(), "cells": [c.__dict__ for c in cells],
+                "comparison": Comparison(self.config.baseline, job.label == self.config.baseline,
+                                         str(self.config.results_path.parent), self.config.baseline_note).to_dict()}
+
+    def _run_worker(self, job: Job, cells: list[Cell], launch: Launch) -> list[dict[str, Any]]:
         """Run ``cells`` in one worker; returns records for a prefix of them (at least one)."""
         log_path = self.config.log_dir / f"{job.backend}-{job.variant}.log"
-        payload = {"backend": job.backend, "variant": job.variant, "options": job.options,
-                   "model": self.config.model.to_dict(), "cells": [c.__dict__ for c in cells],
-                   "comparison": Comparison(self.config.baseline, job.label == self.config.baseline,
-                                            str(self.config.results_path.parent), self.config.baseline_note).to_dict()}
-        with log_path.open("a") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "harness.worker"], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=log, text=True)
-            proc.stdin.write(json.dumps(payload))
-            proc.stdin.close()
-            events: queue.Queue = queue.Queue()
-            threading.Thread(target=_pump, args=(proc.stdout, events), daemon=True).start()
-            return self._consume(job, cells, proc, events, log_path)
+        events = launch(self.payload(job, cells), log_path, self.config.cell_timeout_s)
+        try:
+            return self._consume(job, cells, events, log_path)
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()  # a worker still running (after load_failed) is killed
 
-    def _consume(self, job, cells, proc, events, log_path) -> list[dict[str, Any]]:
+    def _consume(self, job: Job, cells: list[Cell], events: Iterator[dict[str, Any]], log_path: Path
+                 ) -> list[dict[str, Any]]:
         by_id = {c.cell_id: c for c in cells}
         records: list[dict[str, Any]] = []
         load: dict[str, Any] | None = None
         info: dict[str, Any] = {}
+        env: dict[str, Any] | None = None  # the node's own fingerprint, when the worker ran elsewhere
         current: Cell | None = None
         started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        deadline = time.monotonic() + self.config.cell_timeout_s
-        while True:
-            try:
-                line = events.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                line = "timeout"
-            if line == "timeout" or (line is None and len(records) < len(cells)):
-                cell = current or cells[len(records)]
-                if line == "timeout":
-                    proc.kill()
-                    reason = f"timed out after {self.config.cell_timeout_s:.0f} s"
-                else:
-                    proc.wait()
-                    reason = _describe_exit(proc.returncode)
-                records.append(self._record(job, cell, "failed", started_at, load=load,
-                                            error=f"{reason}; log: {log_path}"))
-                proc.wait()
-                return records
-            if line is None:
-                proc.wait()
-                return records
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        for event in events:
             kind = event["event"]
-            if kind == "load_failed":
-                proc.wait()
-                return [self._record(job, c, "failed", started_at, error=f"load failed: {event['error']}")
+            if kind == WORKER_EXIT:
+                if len(records) < len(cells):
+                    cell = current or cells[len(records)]
+                    records.append(self._record(job, cell, "failed", started_at, env, load=load,
+                                                error=f"{event['reason']}; log: {log_path}"))
+                return records
+            if kind == "env":
+                env = event["env"]
+            elif kind == "load_failed":
+                return [self._record(job, c, "failed", started_at, env, error=f"load failed: {event['error']}")
                         for c in cells]
-            if kind == "loaded":
+            elif kind == "loaded":
                 load, info = event["load"], event["info"]
             elif kind == "cell_start":
                 current = by_id[event["cell_id"]]
                 started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-                deadline = time.monotonic() + self.config.cell_timeout_s
-                self.observer.cell_started(job, current)
+                with self._lock:
+                    self.observer.cell_started(job, current)
             elif kind == "progress":
-                self.observer.cell_progress(job, by_id[event["cell_id"]], event["done"], event["total"])
+                with self._lock:
+                    self.observer.cell_progress(job, by_id[event["cell_id"]], event["done"], event["total"])
             elif kind == "cell_done":
                 cell = by_id[event["cell_id"]]
                 records.append(self._record(
-                    job, cell, event["status"], started_at, load=load, error=event.get("error"),
+                    job, cell, event["status"], started_at, env, load=load, error=event.get("error"),
                     metrics=event.get("metrics", {}), samples=event.get("samples", {}),
                     info=event.get("info", info), duration_s=event.get("duration_s")))
                 current = None
                 if len(records) == len(cells):
-                    proc.wait()
                     return records
+        # a launch whose stream ended without worker_exit: the worker's end is unknown
+        if len(records) < len(cells):
+            records.append(self._record(job, current or cells[len(records)], "failed", started_at, env, load=load,
+                                        error=f"the worker's event stream ended early; log: {log_path}"))
+        return records

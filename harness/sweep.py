@@ -50,6 +50,8 @@ class SweepSpec(BaseModel):
         default_factory=list, description="combinations to drop: each entry's keys (backend, workload, axes) all match")
     baseline: str | None = Field(None, description="the NAME:VARIANT label the others are compared with, as "
                                  "run --baseline ('none': no comparison; default hf:fp32 on CPU, hf:fp16 on CUDA)")
+    slurm: dict[str, Any] = Field(default_factory=dict, description="--executor slurm settings: partition, account, "
+                                  "gpus_per_job, cpus_per_job, time_min, mem_gb (the --slurm-* flags override them)")
     scales: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="named scales (e.g. full: a GPU-size study): keys that replace the top-level ones")
     _where: Any = PrivateAttr(default=None)  # the file and its YAML nodes, for errors with lines

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Installs quantarena and what the default run needs into the active Python environment.
-# Usage: bash scripts/install.sh [EXTRAS]   (EXTRAS default: bnb,onnx,kvq,mlc,llamacpp,dev)
+# Usage: bash scripts/install.sh [EXTRAS]   (EXTRAS default: bnb,onnx,kvq,mlc,llamacpp,ray,slurm,dev)
 # llamacpp builds llama.cpp from source (5-11 minutes on 2 cores; CMAKE_ARGS="-DGGML_CUDA=on" for CUDA).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-bnb,onnx,kvq,mlc,llamacpp,dev}"
+extras="${1:-bnb,onnx,kvq,mlc,llamacpp,ray,slurm,dev}"
 python -m pip install --quiet --upgrade pip
 # The CPU wheel first: an unpinned torch (or a range admitting newer) pulls GB of CUDA packages.
 python -m pip install --quiet "torch==2.13.0"
