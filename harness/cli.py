@@ -253,12 +253,12 @@ def command_sweep(args: argparse.Namespace) -> int:
         job.cells = [c for c in job.cells if cell_key(spec.to_dict(), job, c, packages) not in done]
     jobs = [job for job in jobs if job.cells]
     todo = sum(len(job.cells) for job in jobs)
+    from harness.executors.slurm import SlurmSettingError
+
     try:
         executor = executors.make_executor(args, out, sweep.slurm)
-    except UsageError as exc:
-        if str(exc).startswith("slurm"):  # the file's slurm: section (flags are checked by argparse)
-            raise sweep.located_error(("slurm",), str(exc)) from None
-        raise
+    except SlurmSettingError as exc:  # the file's slurm: section (argparse checks the flags)
+        raise sweep.located_error(("slurm", exc.key), exc.reason) from None
     if args.dry_run:
         for job in jobs:
             console.print(f"{escape(job.label)}: {', '.join(c.cell_id for c in job.cells)}")

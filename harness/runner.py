@@ -57,6 +57,13 @@ class RunConfig:
     cell_timeout_s: float = 3600.0
     baseline: str | None = None  # the baseline's job label (``harness.plan.baseline_first``)
     baseline_note: str | None = None  # why there is none
+    tables: bool = True  # rewrite results.csv / .sqlite after each job (not on a Slurm node: the driver does)
+    out_dir: Path | None = None  # the run's folder (baseline distributions); default: the results file's
+
+    @property
+    def run_dir(self) -> Path:
+        """The run's output folder, absolute (workers may run elsewhere, from another directory)."""
+        return Path(self.out_dir or self.results_path.parent).resolve()
 
 
 Launch = Callable[[dict[str, Any], Path, float], Iterator[dict[str, Any]]]
@@ -108,6 +115,8 @@ class Runner:
 
     def job_finished(self) -> None:
         """Rewrite the CSV and SQLite tables from every record so far (after each job)."""
+        if not self.config.tables:
+            return
         with self._lock:
             write_tables([*self._previous, *self.records], self.config.results_path.parent)
 
@@ -198,7 +207,7 @@ class Runner:
         return {"backend": job.backend, "variant": job.variant, "options": job.options,
                 "model": self.config.model.to_dict(), "cells": [c.__dict__ for c in cells],
                 "comparison": Comparison(self.config.baseline, job.label == self.config.baseline,
-                                         str(self.config.results_path.parent), self.config.baseline_note).to_dict()}
+                                         str(self.config.run_dir), self.config.baseline_note).to_dict()}
 
     def _run_worker(self, job: Job, cells: list[Cell], launch: Launch) -> list[dict[str, Any]]:
         """Run ``cells`` in one worker; returns records for a prefix of them (at least one)."""

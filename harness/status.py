@@ -43,7 +43,9 @@ def _sacct_state(out: Path, job_id: str) -> str:
     try:
         import submitit
 
-        return str(submitit.SlurmJob(str(out / "slurm" / "%j"), job_id).state)
+        from harness.executors.slurm import JOB_FOLDER
+
+        return str(submitit.SlurmJob(str(out / "slurm" / JOB_FOLDER), job_id).state)
     except Exception as exc:  # no submitit, or sacct unavailable here: say so in the table
         return f"unknown ({type(exc).__name__})"
 

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from harness.plan import Cell, Job, UsageError
 
 INSTALL_HINT = "pip install -e '.[slurm]'"
+JOB_FOLDER = "jobs/%j"  # submitit's folder per job (pickles, stdout/stderr), under OUT/slurm
 POLL_S = 2.0
 
 
@@ -48,6 +49,14 @@ class SlurmSettings(BaseModel):
     time_min: int = Field(240, ge=1)
     mem_gb: int | None = Field(None, ge=1)
     local: bool = False
+
+
+class SlurmSettingError(UsageError):
+    """A bad ``slurm:`` setting: ``key`` and ``reason`` (the sweep file's error names its line)."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"slurm.{key}: {reason}")
+        self.key, self.reason = key, reason
 
 
 def _count(low: int):
@@ -80,7 +89,7 @@ def slurm_settings(args: argparse.Namespace, from_file: dict[str, Any]) -> Slurm
     """Settings from the sweep file's ``slurm:`` section, overridden by the ``--slurm-*`` flags.
 
     Raises:
-        UsageError: an unknown key or a value of the wrong type or range ("slurm KEY: why").
+        SlurmSettingError: an unknown key or a value of the wrong type or range.
     """
     values = dict(from_file)
     for key, flag in _FLAGS.items():
@@ -93,8 +102,8 @@ def slurm_settings(args: argparse.Namespace, from_file: dict[str, Any]) -> Slurm
         error = exc.errors()[0]
         key = ".".join(map(str, error["loc"])) or "slurm"
         if error["type"] == "extra_forbidden":
-            raise UsageError(f"slurm {key}: unknown key; valid: {', '.join(SlurmSettings.model_fields)}") from None
-        raise UsageError(f"slurm {key}: {error['msg']}") from None
+            raise SlurmSettingError(key, f"unknown key; valid: {', '.join(SlurmSettings.model_fields)}") from None
+        raise SlurmSettingError(key, error["msg"]) from None
 
 
 def check_flags_unused(args: argparse.Namespace) -> None:
@@ -120,7 +129,7 @@ def run_on_node(config, job: Job, part_path: str, baseline_records: list[dict[st
 
     from harness.runner import Runner
 
-    node_config = replace(config, results_path=Path(part_path))
+    node_config = replace(config, results_path=Path(part_path), tables=False, out_dir=config.run_dir)
     runner = Runner(node_config)
     for record in baseline_records:
         runner._remember_baseline(record)
@@ -175,7 +184,7 @@ class SlurmExecutor:
     def _executor(self):
         s = self.settings
         cluster = "local" if s.local else "slurm"
-        executor = self.submitit.AutoExecutor(folder=str(self.folder / "%j"), cluster=cluster)
+        executor = self.submitit.AutoExecutor(folder=str(self.folder / JOB_FOLDER), cluster=cluster)
         params: dict[str, Any] = {"timeout_min": s.time_min, "cpus_per_task": s.cpus_per_job,
                                   "name": "quantarena", "tasks_per_node": 1, "nodes": 1}
         if s.gpus_per_job:

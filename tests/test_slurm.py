@@ -1,0 +1,108 @@
+"""The Slurm executor: jobs through submitit, their records gathered into the run, a job killed
+mid-run, ``harness status``, and bad settings. Runs on submitit's local executor (the same jobs as
+local processes) everywhere, and on a real single-node Slurm cluster (slurmctld + slurmd started
+here by ``tests/slurm_local.py``) where one can be brought up."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+
+pytest.importorskip("submitit", reason="the [slurm] extra is not installed")
+
+SWEEP = """
+model: tiny-llama
+backends: [hf:fp32]
+baseline: none
+workloads: [latency]
+latency: {output_len: 8, warmup: 0, repetitions: 1}
+axes:
+  n_in: [8, 16, 24]
+  hf.seed: [0, 1]
+"""
+
+
+def records(out: Path) -> list[dict]:
+    path = out / "results.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def ok_keys(out: Path) -> set[str]:
+    latest = {r["cell_key"]: r["status"] for r in records(out)}
+    return {key for key, status in latest.items() if status == "ok"}
+
+
+def write_sweep(tmp_path: Path, text: str = SWEEP) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_slurm_jobs_via_submitit_give_the_same_ok_cells_as_local_and_status_lists_them(tmp_path, data_dir, capsys):
+    path = write_sweep(tmp_path)
+    local, slurm = tmp_path / "local", tmp_path / "slurm"
+    assert main(["sweep", str(path), "--out", str(local)]) == 0
+    assert main(["sweep", str(path), "--out", str(slurm), "--executor", "slurm", "--slurm-local"]) == 0
+    assert len(ok_keys(local)) == 6 and ok_keys(slurm) == ok_keys(local)
+    jobs = json.loads((slurm / "slurm" / "jobs.json").read_text())
+    assert [job["label"] for job in jobs] == ["hf:fp32 [seed=0]", "hf:fp32 [seed=1]"]
+    for job in jobs:  # each job wrote its own part file; the driver gathered every line of it
+        part = slurm / "slurm" / "parts" / job["part"]
+        assert len(part.read_text().splitlines()) == 3
+    capsys.readouterr()
+    assert main(["status", str(slurm)]) == 0
+    out = capsys.readouterr().out
+    assert "6 ok, 0 failed, 0 waiting" in out and jobs[0]["job_id"] in out
+
+
+def test_a_slurm_job_killed_mid_run_costs_its_unwritten_cells_and_the_other_job_finishes(tmp_path, data_dir):
+    path = write_sweep(tmp_path, SWEEP.replace("output_len: 8", "output_len: 96").replace("repetitions: 1",
+                                                                                       "repetitions: 2"))
+    out = tmp_path / "out"
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(
+        main(["sweep", str(path), "--out", str(out), "--executor", "slurm", "--slurm-local"])))
+    thread.start()
+    index = out / "slurm" / "jobs.json"
+    killed = None
+    deadline = time.monotonic() + 300
+    while killed is None and thread.is_alive() and time.monotonic() < deadline:
+        done = {r["label"] for r in records(out)}
+        if index.exists() and done:  # a job has written a cell: kill it (a local job's id is its pid)
+            job = next(j for j in json.loads(index.read_text()) if j["label"] in done)
+            os.kill(int(job["job_id"]), signal.SIGKILL)
+            killed = job["label"]
+        time.sleep(0.05)
+    thread.join(timeout=600)
+    assert killed is not None and codes == [1]
+    got = records(out)
+    assert len(got) == 6
+    failed = [r for r in got if r["status"] == "failed"]
+    assert failed and all(r["label"] == killed for r in failed)
+    assert all("slurm job" in r["error"] and "ended" in r["error"] for r in failed)
+    assert all(r["status"] == "ok" for r in got if r["label"] != killed)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("slurm:\n  partition: gpu\n  tim_min: 30\n", ":3: slurm.tim_min: unknown key; valid: partition, account"),
+    ("slurm: {cpus_per_job: 0}\n", ":1: slurm.cpus_per_job: Input should be greater than or equal to 1"),
+])
+def test_a_bad_slurm_section_names_its_line(tmp_path, capsys, text, needle):
+    path = write_sweep(tmp_path, text + "backends: [hf:fp32]\nmodel: tiny-llama\nworkloads: [latency]\n")
+    code = main(["sweep", str(path), "--dry-run", "--out", str(tmp_path / "out"), "--executor", "slurm"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_status_of_a_folder_without_a_run_is_one_line_exit_2(tmp_path, capsys):
+    assert main(["status", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no plan.json here" in err
