@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -106,3 +107,21 @@ def test_status_of_a_folder_without_a_run_is_one_line_exit_2(tmp_path, capsys):
     assert main(["status", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no plan.json here" in err
+
+
+RUN = ["run", "--model", "tiny-llama", "--backends", "hf:fp32", "--workloads", "latency"]
+
+
+def test_a_missing_slurm_extra_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "submitit", None)  # what Python does for a module that is not installed
+    code = main([*RUN, "--out", str(tmp_path / "out"), "--executor", "slurm"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "pip install -e '.[slurm]'" in err
+
+
+def test_no_slurm_on_the_machine_is_one_line_before_any_cell_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun / sbatch on it
+    code = main([*RUN, "--out", str(tmp_path / "out"), "--executor", "slurm"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "no Slurm on this machine" in err and "--slurm-local" in err
+    assert not (tmp_path / "out" / "results.jsonl").exists()

@@ -175,13 +175,18 @@ class SlurmExecutor:
         self.submitit = import_submitit()
         self.out_dir, self.settings = Path(out_dir), settings
         self.folder = self.out_dir / "slurm"
+        try:
+            self._executor = self._make_executor()
+        except RuntimeError as exc:  # submitit: no srun / sbatch on this machine
+            raise UsageError(f"--executor slurm: no Slurm on this machine ({exc}); --slurm-local runs the jobs "
+                             "as local processes") from None
 
     def describe(self) -> str:
         s = self.settings
         where = "submitit local processes" if s.local else f"partition {s.partition or '(default)'}"
         return f"slurm: {where}, {s.gpus_per_job} GPU / {s.cpus_per_job} CPU / {s.time_min} min per backend variant"
 
-    def _executor(self):
+    def _make_executor(self):
         s = self.settings
         cluster = "local" if s.local else "slurm"
         executor = self.submitit.AutoExecutor(folder=str(self.folder / JOB_FOLDER), cluster=cluster)
@@ -200,7 +205,7 @@ class SlurmExecutor:
         return executor
 
     def _submit(self, runner, jobs: list[Job], first_index: int) -> list[tuple[Any, _Gatherer]]:
-        executor = self._executor()
+        executor = self._executor
         parts = self.folder / "parts"
         parts.mkdir(parents=True, exist_ok=True)
         config = runner.config
