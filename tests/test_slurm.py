@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -125,3 +126,82 @@ def test_no_slurm_on_the_machine_is_one_line_before_any_cell_runs(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "no Slurm on this machine" in err and "--slurm-local" in err
     assert not (tmp_path / "out" / "results.jsonl").exists()
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    """A real single-node Slurm cluster (munge, slurmctld, slurmd, slurmdbd for sacct) started here
+    by scripts/slurm-local.sh; skipped with the reason where it cannot be brought up."""
+    from tests import slurm_local
+
+    info = slurm_local.start_local_slurm(tmp_path_factory.mktemp("slurm"))
+    if info is None:
+        pytest.skip(f"no local Slurm cluster: {slurm_local.last_error}")
+    yield info
+    slurm_local.stop_local_slurm(info)
+
+
+def sacct_states(out: Path, timeout_s: float = 60) -> dict[str, str]:
+    """label -> Slurm state via ``harness.status`` (sacct), polled until no job is still active
+    (sacct lags a job's end by a second or two)."""
+    from harness.status import run_status
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = {row.label: row.state for row in run_status(out)}
+        if all(state not in ("PENDING", "RUNNING", "COMPLETING") and not state.startswith("unknown")
+               for state in states.values()) or time.monotonic() > deadline:
+            return states
+        time.sleep(1)
+
+
+def test_a_real_slurm_cluster_runs_the_same_ok_cells_as_local_and_status_reads_their_states(
+        tmp_path, data_dir, slurm_cluster):
+    path = write_sweep(tmp_path)
+    local, slurm = tmp_path / "local", tmp_path / "slurm"
+    assert main(["sweep", str(path), "--out", str(local)]) == 0
+    assert main(["sweep", str(path), "--out", str(slurm), "--executor", "slurm",
+                 "--slurm-partition", slurm_cluster["partition"], "--slurm-time", "10"]) == 0
+    assert len(ok_keys(local)) == 6 and ok_keys(slurm) == ok_keys(local)
+    jobs = json.loads((slurm / "slurm" / "jobs.json").read_text())
+    assert all("_" in job["job_id"] for job in jobs)  # one array: ARRAYID_TASK
+    assert sacct_states(slurm) == {"hf:fp32 [seed=0]": "COMPLETED", "hf:fp32 [seed=1]": "COMPLETED"}
+
+
+def test_a_cancelled_slurm_job_costs_its_unwritten_cells_with_the_state_and_resume_completes(
+        tmp_path, data_dir, slurm_cluster):
+    path = write_sweep(tmp_path, SWEEP.replace("output_len: 8", "output_len: 96").replace("repetitions: 1",
+                                                                                       "repetitions: 2"))
+    out = tmp_path / "out"
+    args = ["sweep", str(path), "--out", str(out), "--executor", "slurm", "--slurm-partition",
+            slurm_cluster["partition"], "--slurm-time", "10"]
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(main(args)))
+    thread.start()
+    index = out / "slurm" / "jobs.json"
+    cancelled = None
+    deadline = time.monotonic() + 300
+    while cancelled is None and thread.is_alive() and time.monotonic() < deadline:
+        done = {r["label"] for r in records(out)}
+        if index.exists() and done:  # a job has written a cell and runs the next: scancel it
+            job = next(j for j in json.loads(index.read_text()) if j["label"] in done)
+            subprocess.run(["scancel", job["job_id"]], check=True, timeout=30)
+            cancelled = job["label"]
+        time.sleep(0.05)
+    thread.join(timeout=600)
+    assert cancelled is not None and codes == [1]
+    failed = [r for r in records(out) if r["status"] == "failed"]
+    assert failed and all(r["label"] == cancelled for r in failed)
+    # the running cell's worker got scancel's SIGTERM (recorded by the job); the cells the job never
+    # reached are recorded by the driver with Slurm's state
+    assert all("CANCELLED" in r["error"] or "worker killed by SIGTERM" in r["error"] for r in failed)
+    assert any("CANCELLED" in r["error"] for r in failed)
+    assert len(records(out)) == 6
+    assert main([*args, "--resume"]) == 0 and len(ok_keys(out)) == 6
+
+
+def test_a_submission_slurm_refuses_is_one_line_and_exit_2(tmp_path, capsys, slurm_cluster):
+    code = main([*RUN, "--out", str(tmp_path / "out"), "--executor", "slurm", "--slurm-partition", "no-such-partition"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "the submission failed" in err and "partition" in err.lower()

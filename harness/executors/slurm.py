@@ -22,6 +22,8 @@ worker after a crash) on the node Slurm gives it.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import time
 from pathlib import Path
@@ -211,14 +213,19 @@ class SlurmExecutor:
         config = runner.config
         baseline = runner.baseline_records()
         gatherers = [_Gatherer(parts / self._part_name(config.run_id, first_index + i), job) for i, job in enumerate(jobs)]
-        try:
-            with executor.batch():
-                handles = [executor.submit(run_on_node, config, job, str(g.path), baseline)
-                           for job, g in zip(jobs, gatherers)]
-        except Exception as exc:  # sbatch refused (bad partition, account, limits): nothing ran
-            text = (str(exc).strip().splitlines() or [type(exc).__name__])
+        stderr = io.StringIO()  # submitit prints sbatch's refusal before raising it: one line is enough
+        with contextlib.redirect_stderr(stderr):
+            try:
+                with executor.batch():
+                    handles = [executor.submit(run_on_node, config, job, str(g.path), baseline)
+                               for job, g in zip(jobs, gatherers)]
+                failure = None
+            except Exception as exc:  # sbatch refused (bad partition, account, limits): nothing ran
+                failure = exc
+        if failure is not None:
+            text = [*str(failure).strip().splitlines(), *stderr.getvalue().splitlines()] or [type(failure).__name__]
             reason = next((line for line in text if "error" in line.lower()), text[-1])
-            raise UsageError(f"--executor slurm: the submission failed: {reason.strip()[:300]}") from None
+            raise UsageError(f"--executor slurm: the submission failed: {reason.strip()[:300]}")
         self.run_id = config.run_id
         self._write_index(jobs, handles, first_index)
         return list(zip(handles, gatherers))
