@@ -8,17 +8,22 @@ one line on stderr naming the bad value and the valid choices and exits with cod
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
+import signal
 import sys
+import threading
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 from backends.base import REGISTRY, backend_class, variant_availability
 from backends.models import EMBEDDED_MODEL, MODELS, ModelError, checkpoint_dir, resolve_model
 from harness import executors
+from harness.run_folder import claimed
 from harness.plan import Cell, UsageError, baseline_first, build_jobs, parse_backends, parse_workloads
-from reports.records import RESULTS_SUFFIXES, ResultsError, read_records
+from reports.records import RESULTS_SUFFIXES, ResultsError, ResultsWriteError, read_records
 from workloads.base import WorkloadError, positive_int
 from workloads.registry import DEFAULT_WORKLOADS, WORKLOADS, workload_class
 
@@ -137,12 +142,38 @@ def quality_filtered(spec, workloads: list[str], named: bool) -> list[str]:
     return [w for w in workloads if w not in quality]
 
 
+class RunStopped(BaseException):
+    """SIGTERM during a run (BaseException, like KeyboardInterrupt: nothing on the way catches it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """SIGTERM raises ``RunStopped`` in the main thread for the block (SIGINT already raises
+    KeyboardInterrupt), so a stopped run unwinds: the current cell's worker is killed, finished
+    records stay, the report is written."""
+    def stop(signum, frame):
+        raise RunStopped(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def execute(spec, jobs, out: Path, run_id: str, timeout: int, previous: list[dict[str, Any]] = (),
             baseline: str | None = None, baseline_note: str | None = None, executor=None) -> int:
-    """Run ``jobs`` into ``out`` through ``executor`` (``harness.executors``; default local) with
-    progress bars, then print the summary and write the report over ``previous`` records and the
-    new ones. ``baseline``: the label the others are compared with (its job first), or None with
-    ``baseline_note`` saying why. Returns the exit code (1 if a new cell failed)."""
+    """Run ``jobs`` into ``out`` (claimed by the caller: ``harness.run_folder.claimed``) through
+    ``executor`` (``harness.executors``; default local) with progress bars, then print the summary
+    and write the report over ``previous`` records and the new ones. ``baseline``: the label the
+    others are compared with (its job first), or None with ``baseline_note`` saying why. The report
+    is re-rendered after each backend variant. SIGINT / SIGTERM stop the current cell, keep every
+    finished record, write the report and return 130 / 143. Returns the exit code (1 if a new
+    cell failed)."""
     from rich.markup import escape
 
     from harness.console import ProgressObserver, console, make_progress, relative_table, summary_table
@@ -156,18 +187,36 @@ def execute(spec, jobs, out: Path, run_id: str, timeout: int, previous: list[dic
     if executor is not None and executor.name != "local":
         console.print(escape(executor.describe()))
     write_plan(out, run_id, jobs, executor.name if executor is not None else "local")
+
+    def report(records: list[dict[str, Any]]) -> Path:
+        everything = latest_per_cell(records)
+        return render_report(everything, out, title=f"quantarena: {spec.name}", sections=report_sections(everything),
+                             baseline=baseline)
+
+    stopped: str | None = None
     with make_progress() as progress:
         runner = Runner(RunConfig(run_id, spec, results_path, out / "logs", timeout, baseline, baseline_note),
-                        ProgressObserver(progress))
-        records = runner.run(jobs, previous, executor)
+                        ProgressObserver(progress), on_job_finished=report)
+        try:
+            with stop_on_sigterm():
+                runner.run(jobs, previous, executor)
+        except KeyboardInterrupt:
+            stopped = "SIGINT"
+        except RunStopped as exc:
+            stopped = str(exc)
+    records = list(runner.records)
     everything = latest_per_cell([*previous, *records])
+    if stopped:
+        path = report([*previous, *records])
+        console.print(f"[yellow]stopped by {stopped}[/]: {len(records)} finished records kept in {results_path}; "
+                      f"report of what finished: {path}")
+        return 130 if stopped == "SIGINT" else 143
     relative = relative_table(everything, baseline) if baseline else None
     if relative is not None:
         console.print(relative)
     console.print(summary_table(everything))
-    report = render_report(everything, out, title=f"quantarena: {spec.name}", sections=report_sections(everything),
-                           baseline=baseline)
-    console.print(f"results: {results_path} (and results.csv, results.sqlite)\nreport: {report}")
+    path = report([*previous, *records])
+    console.print(f"results: {results_path} (and results.csv, results.sqlite)\nreport: {path}")
     return 0 if all(r["status"] == "ok" for r in records) else 1
 
 
@@ -211,15 +260,15 @@ def command_run(args: argparse.Namespace) -> int:
     run_id = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.out or PROJECT_ROOT / "reports" / "out" / run_id
     executor = executors.make_executor(args, out)
-    return execute(spec, jobs, out, run_id, args.timeout, baseline=baseline, baseline_note=note, executor=executor)
+    with claimed(out):
+        return execute(spec, jobs, out, run_id, args.timeout, baseline=baseline, baseline_note=note,
+                       executor=executor)
 
 
 def command_sweep(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     from harness.console import console
-    from harness.env import package_versions
-    from harness.plan import cell_key
     from harness.sweep import load_sweep, plan_sweep
     from reports.records import recover_jsonl
 
@@ -240,34 +289,43 @@ def command_sweep(args: argparse.Namespace) -> int:
     name = args.file.stem + (f"-{args.scale}" if args.scale else "")
     out = args.out or PROJECT_ROOT / "reports" / "out" / f"{name}-{run_id}"
     results_path = out / "results.jsonl"
-    previous = []
-    if results_path.exists():
-        if not args.resume:
-            raise UsageError(f"{results_path} already holds results: add --resume to continue that sweep, "
-                             "or choose another --out")
-        previous = recover_jsonl(results_path)
-    done = {r.get("cell_key") for r in previous if r["status"] == "ok"}
-    packages = package_versions()  # the cell key needs only these, not the whole fingerprint (a bandwidth run)
-    total = sum(len(job.cells) for job in jobs)
-    for job in jobs:
-        job.cells = [c for c in job.cells if cell_key(spec.to_dict(), job, c, packages) not in done]
-    jobs = [job for job in jobs if job.cells]
-    todo = sum(len(job.cells) for job in jobs)
+    if results_path.exists() and not args.resume and not args.dry_run:
+        raise UsageError(f"{results_path} already holds results: add --resume to continue that sweep, "
+                         "or choose another --out")
     from harness.executors.slurm import SlurmSettingError
 
     try:
         executor = executors.make_executor(args, out, sweep.slurm)
     except SlurmSettingError as exc:  # the file's slurm: section (argparse checks the flags)
         raise sweep.located_error(("slurm", exc.key), exc.reason) from None
-    if args.dry_run:
+    if args.dry_run:  # read only: a sweep running into this folder may be appending right now
+        previous = read_records(results_path) if results_path.exists() else []
+        jobs, total, todo = _not_done(jobs, previous, spec)
         for job in jobs:
             console.print(f"{escape(job.label)}: {', '.join(c.cell_id for c in job.cells)}")
         console.print(f"{total} cells, {total - todo} already done, {todo} to run")
         return 0
-    if not jobs:
-        console.print(f"all {total} cells of {args.file} already have ok records in {results_path}")
-        return 0
-    return execute(spec, jobs, out, run_id, args.timeout, previous, baseline, note, executor)
+    with claimed(out):
+        previous = recover_jsonl(results_path)  # cuts a line a killed run left half-written
+        jobs, total, todo = _not_done(jobs, previous, spec)
+        if not jobs:
+            console.print(f"all {total} cells of {args.file} already have ok records in {results_path}")
+            return 0
+        return execute(spec, jobs, out, run_id, args.timeout, previous, baseline, note, executor)
+
+
+def _not_done(jobs, previous: list[dict[str, Any]], spec):
+    """``(jobs with only their cells that have no ok record in previous, all cells, cells to run)``."""
+    from harness.env import package_versions
+    from harness.plan import cell_key
+
+    done = {r.get("cell_key") for r in previous if r["status"] == "ok"}
+    packages = package_versions()  # the cell key needs only these, not the whole fingerprint (a bandwidth run)
+    total = sum(len(job.cells) for job in jobs)
+    for job in jobs:
+        job.cells = [c for c in job.cells if cell_key(spec.to_dict(), job, c, packages) not in done]
+    jobs = [job for job in jobs if job.cells]
+    return jobs, total, sum(len(job.cells) for job in jobs)
 
 
 def command_list(args: argparse.Namespace) -> int:
@@ -383,13 +441,25 @@ COMMANDS = {"status": command_status, "run": command_run, "sweep": command_sweep
             "compare": command_compare}
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI. Exit codes: 0 ok, 1 a cell failed or results could not be written, 2 bad input,
+    130 / 143 stopped by SIGINT / SIGTERM."""
+    if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file-size limit: an error to report, not a kill
+    warnings.showwarning = _one_line_warning
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except (UsageError, ModelError, ResultsError, WorkloadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ResultsWriteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -29,7 +29,9 @@ from typing import Any, Callable, Iterator, Protocol
 from backends.models import ModelSpec
 from harness.env import fingerprint
 from harness.plan import Cell, Job, cell_key
-from harness.worker_process import WORKER_EXIT, worker_events
+from harness.worker_process import MALFORMED, WORKER_EXIT, worker_events
+
+LOAD_ATTEMPTS = 2  # workers lost (crash, hang) before the backend loaded, per variant, before giving up
 from reports.records import SCHEMA_VERSION, ResultsWriter, normalize, write_tables
 from workloads.agreement import Comparison, generation_agreement
 
@@ -80,8 +82,12 @@ class Runner:
     """Turns jobs into records: starts their workers through a ``Launch``, consumes the events,
     appends one record per cell to the results file and rewrites the tables after each job."""
 
-    def __init__(self, config: RunConfig, observer: Observer | None = None, env: dict[str, Any] | None = None):
+    def __init__(self, config: RunConfig, observer: Observer | None = None, env: dict[str, Any] | None = None,
+                 on_job_finished: Callable[[list[dict[str, Any]]], None] | None = None):
+        """``on_job_finished(records)``: called after each job with every record so far (the
+        CLI re-renders the report, so an interrupted run has one of what finished)."""
         self.config = config
+        self.on_job_finished = on_job_finished
         self.observer = observer or NullObserver()
         self.writer = ResultsWriter(config.results_path)
         self.env = env if env is not None else fingerprint()
@@ -114,11 +120,15 @@ class Runner:
         return [self._record(job, cell, "failed", now, error=reason) for cell in cells]
 
     def job_finished(self) -> None:
-        """Rewrite the CSV and SQLite tables from every record so far (after each job)."""
+        """Rewrite the CSV and SQLite tables from every record so far (after each job), then
+        ``on_job_finished``."""
         if not self.config.tables:
             return
         with self._lock:
-            write_tables([*self._previous, *self.records], self.config.results_path.parent)
+            everything = [*self._previous, *self.records]
+            write_tables(everything, self.config.results_path.parent)
+            if self.on_job_finished is not None:
+                self.on_job_finished(everything)
 
     def add_record(self, record: dict[str, Any], job: Job | None = None, cell: Cell | None = None) -> None:
         """Append a finished record (made here, or by a Slurm job and gathered) to the results
@@ -188,17 +198,28 @@ class Runner:
 
     def run_job(self, job: Job, launch: Launch = local_launch) -> list[dict[str, Any]]:
         """Run one job's cells, a fresh worker (through ``launch``) after each one lost; returns
-        its records and rewrites the tables."""
+        its records and rewrites the tables. A worker that crashes or hangs before it has loaded
+        the backend is tried ``LOAD_ATTEMPTS`` times; then every remaining cell is recorded as
+        failed with the reason, instead of one crash (or one timeout) per cell."""
         now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         if job.skip_reason:
             records = [self._record(job, c, "failed", now, error=f"unavailable: {job.skip_reason}") for c in job.cells]
         else:
             records = []
             pending = list(job.cells)
+            load_losses = 0
             while pending:
-                done = self._run_worker(job, pending, launch)
+                done, loaded = self._run_worker(job, pending, launch)
                 records.extend(done)
-                pending = pending[len(done):]
+                finished = {record["cell_id"] for record in done}
+                pending = [cell for cell in pending if cell.cell_id not in finished]
+                if not loaded and pending:
+                    load_losses += 1
+                    if load_losses >= LOAD_ATTEMPTS:
+                        reason = f"not run: the worker was lost while loading {load_losses} times " \
+                                 f"(last: {done[-1]['error']})"
+                        records.extend(self.fail_cells(job, pending, reason))
+                        pending = []
         self.job_finished()
         return records
 
@@ -209,8 +230,10 @@ class Runner:
                 "comparison": Comparison(self.config.baseline, job.label == self.config.baseline,
                                          str(self.config.run_dir), self.config.baseline_note).to_dict()}
 
-    def _run_worker(self, job: Job, cells: list[Cell], launch: Launch) -> list[dict[str, Any]]:
-        """Run ``cells`` in one worker; returns records for a prefix of them (at least one)."""
+    def _run_worker(self, job: Job, cells: list[Cell], launch: Launch) -> tuple[list[dict[str, Any]], bool]:
+        """Run ``cells`` in one worker: records for a prefix of them (at least one), and whether
+        the worker loaded the backend (a load failure that raised counts as loaded: it is
+        recorded for every cell at once and never retried)."""
         log_path = self.config.log_dir / f"{job.backend}-{job.variant}.log"
         events = launch(self.payload(job, cells), log_path, self.config.cell_timeout_s)
         try:
@@ -218,32 +241,44 @@ class Runner:
         finally:
             close = getattr(events, "close", None)
             if close is not None:
-                close()  # a worker still running (after load_failed) is killed
+                close()  # kills a worker still running (interrupted, or given up on)
 
     def _consume(self, job: Job, cells: list[Cell], events: Iterator[dict[str, Any]], log_path: Path
-                 ) -> list[dict[str, Any]]:
+                 ) -> tuple[list[dict[str, Any]], bool]:
         by_id = {c.cell_id: c for c in cells}
         records: list[dict[str, Any]] = []
+        recorded: set[str] = set()
         load: dict[str, Any] | None = None
         info: dict[str, Any] = {}
         env: dict[str, Any] | None = None  # the node's own fingerprint, when the worker ran elsewhere
         current: Cell | None = None
+        loaded = False
         started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+        def lose(reason: str) -> tuple[list[dict[str, Any]], bool]:
+            """This worker is done for: its current (or next) cell fails with ``reason``."""
+            if len(records) < len(cells):
+                cell = current or next(c for c in cells if c.cell_id not in recorded)
+                records.append(self._record(job, cell, "failed", started_at, env, load=load,
+                                            error=f"{reason}; log: {log_path}"))
+            return records, loaded
+
         for event in events:
-            kind = event["event"]
+            kind = event.get("event")
             if kind == WORKER_EXIT:
-                if len(records) < len(cells):
-                    cell = current or cells[len(records)]
-                    records.append(self._record(job, cell, "failed", started_at, env, load=load,
-                                                error=f"{event['reason']}; log: {log_path}"))
-                return records
+                return lose(event["reason"])
+            problem = _malformed(event, by_id, recorded)
+            if problem:
+                if len(records) == len(cells):
+                    return records, loaded  # every cell is recorded: what the worker says now changes nothing
+                return lose(problem)
             if kind == "env":
                 env = event["env"]
             elif kind == "load_failed":
                 return [self._record(job, c, "failed", started_at, env, error=f"load failed: {event['error']}")
-                        for c in cells]
+                        for c in cells], True
             elif kind == "loaded":
-                load, info = event["load"], event["info"]
+                load, info, loaded = event["load"], event["info"], True
             elif kind == "cell_start":
                 current = by_id[event["cell_id"]]
                 started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -254,15 +289,33 @@ class Runner:
                     self.observer.cell_progress(job, by_id[event["cell_id"]], event["done"], event["total"])
             elif kind == "cell_done":
                 cell = by_id[event["cell_id"]]
+                recorded.add(cell.cell_id)
                 records.append(self._record(
                     job, cell, event["status"], started_at, env, load=load, error=event.get("error"),
                     metrics=event.get("metrics", {}), samples=event.get("samples", {}),
                     info=event.get("info", info), duration_s=event.get("duration_s")))
                 current = None
-                if len(records) == len(cells):
-                    return records
-        # a launch whose stream ended without worker_exit: the worker's end is unknown
-        if len(records) < len(cells):
-            records.append(self._record(job, current or cells[len(records)], "failed", started_at, env, load=load,
-                                        error=f"the worker's event stream ended early; log: {log_path}"))
-        return records
+        return lose("the worker's event stream ended without its exit")
+
+
+_EVENT_FIELDS = {"env": ("env",), "load_failed": ("error",), "loaded": ("load", "info"), "cell_start": ("cell_id",),
+                 "progress": ("cell_id", "done", "total"), "cell_done": ("cell_id", "status")}
+
+
+def _malformed(event: dict[str, Any], cells: dict[str, Cell], recorded: set[str]) -> str | None:
+    """Why ``event`` breaks the worker protocol (``harness.worker``), or None: not a known event,
+    a field missing, a cell this worker was not given, or a cell already recorded."""
+    kind = event.get("event")
+    shown = json.dumps(event, default=str)[:300]
+    if kind == MALFORMED:
+        return f"the worker wrote a line that is not a JSON event: {event.get('line', '')!r}"
+    if kind not in _EVENT_FIELDS:
+        return f"the worker sent an unknown event: {shown}"
+    missing = [name for name in _EVENT_FIELDS[kind] if name not in event]
+    if missing:
+        return f"the worker sent a {kind} event without {missing[0]}: {shown}"
+    if "cell_id" in event and event["cell_id"] not in cells:
+        return f"the worker sent an event for a cell it was not given: {shown}"
+    if kind == "cell_done" and (event["cell_id"] in recorded or event["status"] not in ("ok", "failed")):
+        return f"the worker sent a cell_done that cannot be recorded: {shown}"
+    return None

@@ -17,12 +17,16 @@ import traceback
 from typing import Any
 
 
+EVENTS = None  # the event stream of this worker (set by main; fault-injection tests write to it)
+
+
 def _event_stream():
     """Keep the real stdout for events; point fd 1 at stderr for everything else."""
-    events = os.fdopen(os.dup(1), "w", buffering=1)
+    global EVENTS
+    EVENTS = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    return events
+    return EVENTS
 
 
 def one_line(exc: BaseException) -> str:

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 WORKER_EXIT = "worker_exit"
+MALFORMED = "malformed"  # a line on the event stream that is not a JSON object: {"event": MALFORMED, "line": ...}
+EXIT_GRACE_S = 30.0  # after the last cell: time for the worker to close its backend and exit
 THREADS_ENV = "HARNESS_THREADS"  # caps backends.device.physical_cores() in the worker (a cell's CPU share)
 
 
@@ -72,8 +74,10 @@ def worker_events(payload: dict[str, Any], log_path: Path, cell_timeout_s: float
     A cell (from its ``cell_start``, or from the start for loading) that runs longer than
     ``cell_timeout_s`` seconds gets the worker's whole process group killed, and the stream ends
     with ``worker_exit`` saying so. ``threads``: the CPU threads the worker's backend may use
-    (``HARNESS_THREADS``; None: the machine's cores). Lines that are not JSON are skipped.
-    Closing the generator early kills the worker.
+    (``HARNESS_THREADS``; None: the machine's cores). A line that is not a JSON object is yielded
+    as ``{"event": "malformed", "line": LINE}`` (the reader decides what it costs). After the last
+    cell's ``cell_done`` the worker has ``EXIT_GRACE_S`` to exit. Closing the generator early
+    (an interrupted run, a reader that gave up on this worker) kills the worker's process group.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -89,6 +93,7 @@ def worker_events(payload: dict[str, Any], log_path: Path, cell_timeout_s: float
             lines: queue.Queue = queue.Queue()
             threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
             deadline = time.monotonic() + cell_timeout_s
+            remaining = len(payload.get("cells", ()))
             while True:
                 try:
                     line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
@@ -103,16 +108,16 @@ def worker_events(payload: dict[str, Any], log_path: Path, cell_timeout_s: float
                 try:
                     event = json.loads(line)
                 except json.JSONDecodeError:
-                    continue
+                    event = None
                 if not isinstance(event, dict):
+                    yield {"event": MALFORMED, "line": line.rstrip("\n")[:300]}
                     continue
                 if event.get("event") == "cell_start":
                     deadline = time.monotonic() + cell_timeout_s
+                elif event.get("event") == "cell_done":
+                    remaining -= 1
+                    if remaining <= 0:
+                        deadline = time.monotonic() + EXIT_GRACE_S
                 yield event
         finally:
-            if proc.poll() is None:
-                try:  # the reader is done (every cell finished, or load failed): let it close its backend
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    pass
-                _kill_group(proc)
+            _kill_group(proc)  # still running (the reader gave up), or exited leaving helpers in its group

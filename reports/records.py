@@ -12,12 +12,14 @@ booleans are stored as the text ``true``/``false`` in both CSV and SQLite.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
 import re
 import sqlite3
+import warnings
 from contextlib import closing
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -151,6 +153,14 @@ def upgrade_v1(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class ResultsWriteError(OSError):
+    """Appending a record failed (disk full, file too large); the file holds every earlier record."""
+
+
+class TruncatedResultsWarning(UserWarning):
+    """A results file ends in a line cut mid-write (a run killed while appending); it was skipped."""
+
+
 class ResultsWriter:
     """Appends records to a JSONL file ``path`` (parents created), one line each, fsynced."""
 
@@ -159,11 +169,27 @@ class ResultsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def append(self, record: dict[str, Any]) -> None:
-        """Write ``record`` (NaN/inf as null) as one JSON line and force it to disk."""
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        """Write ``record`` (NaN/inf as null) as one JSON line and force it to disk (fsync).
+
+        Raises:
+            ResultsWriteError: the write failed (disk full, file size limit, I/O error); the file
+                is cut back to where it was, so every record before this one stays intact.
+        """
+        line = (json.dumps(json_safe(record), allow_nan=False) + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)  # no half-written line left behind
+            raise ResultsWriteError(f"cannot write {self.path} ({exc.strerror or exc}); every record "
+                                    "before this one is intact") from None
+        finally:
+            os.close(fd)
 
 
 def is_text_column(column: str) -> bool:
@@ -258,12 +284,23 @@ def _checked(record: Any, where: str) -> dict[str, Any]:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSONL file; a last line cut mid-write (no newline, not JSON) is skipped with a
+    ``TruncatedResultsWarning`` (``sweep --resume`` runs that cell again).
+
+    Raises:
+        ResultsError: a line before the last that is not a JSON record.
+    """
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    for number, line in enumerate(lines, 1):
         if line.strip():
             try:
                 record = json.loads(line)
             except ValueError:
+                if number == len(lines):  # the last line, without its newline: a write cut short
+                    warnings.warn(f"{path}:{number}: skipped a last line cut mid-write ({len(line)} characters); "
+                                  "sweep --resume runs that cell again", TruncatedResultsWarning, stacklevel=2)
+                    continue
                 raise ResultsError(f"{path}:{number}: not a JSON line") from None
             records.append(_checked(record, f"{path}:{number}"))
     return records

@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -168,11 +168,24 @@ class RayExecutor:
                 runner.run_job(job, self.launch)
             rest = jobs[len(first):]
             if rest:
-                with ThreadPoolExecutor(max_workers=len(rest), thread_name_prefix="ray-job") as pool:
-                    futures = [pool.submit(runner.run_job, job, self.launch) for job in rest]
+                pool = ThreadPoolExecutor(max_workers=len(rest), thread_name_prefix="ray-job")
+                futures = [pool.submit(runner.run_job, job, self.launch) for job in rest]
+                try:
+                    wait(futures)
+                except BaseException:  # SIGINT / SIGTERM: stop the tasks, so the job threads end now
+                    self._stop_tasks()
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
+                pool.shutdown(wait=True)
                 errors = [f.exception() for f in futures if f.exception() is not None]
                 if errors:  # every other job has finished and kept its records; now report the bug
                     raise errors[0]
         finally:
-            if started_here:
+            if started_here and self.ray.is_initialized():
                 self.ray.shutdown()
+
+    def _stop_tasks(self) -> None:
+        """Disconnect from the cluster: a local one stops, and every task of this driver is
+        cancelled, which ends each job thread's stream."""
+        if self.ray.is_initialized():
+            self.ray.shutdown()
