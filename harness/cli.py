@@ -21,7 +21,7 @@ from typing import Any, Sequence
 from backends.base import REGISTRY, backend_class, variant_availability
 from backends.models import EMBEDDED_MODEL, MODELS, ModelError, checkpoint_dir, resolve_model
 from harness import executors
-from harness.run_folder import claimed
+from harness.run_folder import check_writable, claimed
 from harness.plan import Cell, UsageError, baseline_first, build_jobs, parse_backends, parse_workloads
 from reports.records import RESULTS_SUFFIXES, ResultsError, ResultsWriteError, read_records
 from workloads.base import WorkloadError, positive_int
@@ -158,6 +158,9 @@ def stop_on_sigterm():
     def stop(signum, frame):
         raise RunStopped(signum)
 
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         yield
@@ -387,6 +390,7 @@ def command_report(args: argparse.Namespace) -> int:
     if args.baseline and args.baseline not in {r["label"] for r in records if r["status"] == "ok"}:
         raise UsageError(f"--baseline {args.baseline}: no ok record with that label in {args.results}")
     out = args.out or args.results.parent
+    check_writable(out)
     report = render_report(records, out, title=f"quantarena: {(records[0]['model'] or {}).get('name', '')}",
                            sections=report_sections(records), baseline=args.baseline)
     relative = relative_table(records, args.baseline)
@@ -410,7 +414,7 @@ def command_compare(args: argparse.Namespace) -> int:
     else:
         markdown = render_benchmarks(args.runs)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
+        check_writable(args.out.parent)
         args.out.write_text(markdown, encoding="utf-8")
         print(f"report: {args.out}")
     else:

@@ -122,7 +122,9 @@ def load_sweep(path: Path, scale: str | None = None) -> SweepSpec:
         raise where.error((), "a sweep file is a mapping of keys (model, backends, workloads, axes, ...)")
     if scale is not None:
         scales = data.get("scales") or {}
-        if not isinstance(scales, dict) or not isinstance(scales.get(scale), dict):
+        if not isinstance(scales, dict):
+            raise where.error(("scales",), "scales must be a mapping: scale name -> the keys it replaces")
+        if not isinstance(scales.get(scale), dict):
             raise where.error(("scales",), f"no scale {scale!r} in this file; scales: {', '.join(scales) or 'none'}")
         data = {**data, **scales[scale]}
         where = _Located(path, root, scale, frozenset(scales[scale]))
@@ -131,6 +133,9 @@ def load_sweep(path: Path, scale: str | None = None) -> SweepSpec:
     except ValidationError as exc:
         error = exc.errors()[0]
         raise where.error(tuple(error["loc"]), error["msg"]) from None
+    for index, name in enumerate(spec.workloads):
+        if name not in WORKLOADS:
+            raise where.error(("workloads", index), f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
     for key in spec.workload_sections():
         if key not in WORKLOADS:
             raise where.error((key,), f"unknown key; valid: {', '.join([*SweepSpec.model_fields, *WORKLOADS])}")

@@ -104,6 +104,47 @@ def test_a_node_killed_mid_sweep_costs_only_its_running_cell_and_resume_complete
     assert len(records(out)) == 7  # only the lost cell was run again
 
 
+def test_a_ray_worker_process_killed_mid_cell_costs_that_cell_and_its_variant_goes_on_in_a_new_task(
+        tmp_path, data_dir, cluster):
+    import psutil
+
+    head, _ = cluster
+    path = tmp_path / "sweep.yaml"
+    path.write_text(SWEEP.replace("  hf.seed: [0, 1]\n", ""))  # one variant, three cells
+    out = tmp_path / "out"
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(main(
+        ["sweep", str(path), "--out", str(out), "--executor", "ray", "--ray-address", head.address])))
+    thread.start()
+    killed = None
+    deadline = time.monotonic() + 300
+    while killed is None and thread.is_alive() and time.monotonic() < deadline:
+        if records(out):  # the first cell is recorded: the task's worker is inside the second
+            tasks = [t for t in map(_ray_parent_of_worker, psutil.process_iter(["cmdline"])) if t is not None]
+            if tasks:  # the Ray worker process running our task (never another run's processes)
+                killed = tasks[0]
+                killed.kill()
+        time.sleep(0.05)
+    thread.join(timeout=600)
+    assert killed is not None and codes == [1]
+    got = records(out)
+    assert [r["status"] for r in got] == ["ok", "failed", "ok"]
+    assert "lost with its Ray task or node" in got[1]["error"]
+
+
+def _ray_parent_of_worker(process):
+    """The Ray worker process (``ray::...``) whose child ``process`` is a harness worker, else None."""
+    import psutil
+
+    try:
+        if "harness.worker" not in " ".join(process.info["cmdline"] or []):
+            return None
+        parent = process.parent()
+        return parent if parent is not None and " ".join(parent.cmdline()).startswith("ray::") else None
+    except psutil.Error:
+        return None
+
+
 def test_an_unreachable_ray_address_is_one_line_and_exit_2(tmp_path, capsys):
     started = time.monotonic()
     code = main(["run", "--model", "tiny-llama", "--backends", "hf:fp32", "--workloads", "latency",

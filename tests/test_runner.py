@@ -54,14 +54,15 @@ def test_failing_load_is_recorded_and_others_still_run(tmp_path, data_env):
     assert "Failures" in (tmp_path / "report.md").read_text()
 
 
-def test_timeout_kills_only_that_cell(tmp_path, data_env):
+def test_every_cell_past_the_timeout_is_recorded_as_timed_out(tmp_path, data_env):
+    # each of the two cells alone outlasts the timeout (tests/test_faults.py: a hang among ok cells)
     code = main(["run", "--model", "tiny-llama", "--backends", "hf:fp32", "--input-lens", "8,9",
-                 "--output-len", "200", "--warmup", "0", "--repetitions", "500", "--timeout", "4",
+                 "--output-len", "200", "--warmup", "0", "--repetitions", "500", "--timeout", "10",
                  "--out", str(tmp_path)])
     assert code == 1
     records = read_records(tmp_path / "results.jsonl")
     assert [r["status"] for r in records] == ["failed", "failed"]
-    assert all("timed out after 4 s" in r["error"] for r in records)
+    assert all("timed out after 10 s" in r["error"] for r in records)
 
 
 def test_records_are_json_lines_without_nan(tmp_path, data_env):
