@@ -118,7 +118,7 @@ def test_a_hanging_worker_times_out_that_cell_only_and_leaves_no_orphan(tmp_path
 ])
 def test_garbage_or_an_unknown_event_fails_the_current_cell_with_it_and_the_run_goes_on(tmp_path, behaviour, needle):
     out = tmp_path / "out"
-    code = main([*RUN, *plan(f"ok,{behaviour},ok"), "--out", str(out)])
+    code = main([*RUN, *plan(f"ok,{behaviour},ok"), "--timeout", "60", "--out", str(out)])
     assert code == 1
     got = {r["cell_id"]: r for r in records(out)}
     assert [r["status"] for r in got.values()] == ["ok", "failed", "ok"]
