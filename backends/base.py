@@ -29,10 +29,17 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
+from backends.artifact_cache import CacheEntry, collect_rebuilds, note_rebuild
 from backends.models import ModelError, ModelSpec, checkpoint_dir, prepare_seconds
 from backends.options import BackendOptions, OptionError, parse_options
 from backends.scoring import CompactLogprobs, compact_topk, target_logprobs, topk_agreement
 from backends.tokens import SpecialTokens, check_prompts
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says memory ran out (host or device): not a reason to rebuild a cache entry."""
+    return (isinstance(exc, MemoryError) or "OutOfMemory" in type(exc).__name__
+            or "out of memory" in str(exc).lower())
 
 
 class BackendError(RuntimeError):
@@ -69,7 +76,10 @@ class Preparation:
         convert_s: weight conversion / quantization into the engine's layout (TVM).
         compile_s: compilation (TVM).
         artifact_bytes: bytes of the cached artifact on disk. artifact_dir: where it is.
-        cache_hit: the artifact was found complete in the cache (None: nothing beyond the checkpoint).
+        cache_hit: the artifact was found complete and sound in the cache (its manifest check
+            passed: ``backends.artifact_cache``); False when it was built, or rebuilt, by this
+            load (``LoadReport.details["cache_rebuilt"]`` then says why); None: nothing beyond
+            the checkpoint.
         wall_s: wall seconds of preparation in this call (about 0 on a cache hit).
     """
 
@@ -109,7 +119,9 @@ class LoadReport:
         first_forward_s: the first one-token generation.
         weight_bytes: see ``LoadedModel``.
         preparation: one-time work (``Preparation``), not part of ``load_s``.
-        details: backend-specific extras.
+        details: backend-specific extras; ``cache_rebuilt``: one line per cache entry (the
+            converted checkpoint or the backend's artifact) this load found corrupt or
+            incomplete and rebuilt, with the reason (absent when nothing was rebuilt).
         memory: what loading left resident, measured by ``Backend.load`` around ``_load`` and the
             first generation (``backends.memory.LoadMemory``): ``rss_before_load_bytes``,
             ``rss_after_load_bytes``, ``model_resident_bytes`` (after - before, host RSS, with
@@ -270,6 +282,10 @@ class Backend(abc.ABC):
         self.check_options()
         self.special: SpecialTokens | None = None
         self.spec: ModelSpec | None = None
+        # The cache entry ``prepare`` found sound and reads (None on a build or with no cache): if
+        # reading it raises, ``load`` discards it and prepares again (``backends.artifact_cache``).
+        self.cached_entry: CacheEntry | None = None
+        self._prepared_s = 0.0
 
     @property
     def label(self) -> str:
@@ -300,6 +316,13 @@ class Backend(abc.ABC):
         """Prepare (cached), load and make ``model`` ready; the clock is this method's, the same
         for every backend (see ``LoadReport``).
 
+        A cache entry that fails its manifest check is rebuilt by the code that checks it
+        (``backends.artifact_cache``). If reading an entry that passed (``cached_entry``, set by
+        ``prepare`` on a cache hit) raises in the rest of ``prepare``, in ``_load`` or in the first
+        generation, that entry is discarded and the whole preparation and load run once more (not
+        for out-of-memory errors); a second failure is raised. Every rebuild is one line in
+        ``details["cache_rebuilt"]`` and a ``CacheRebuildWarning``.
+
         Raises:
             BackendError: unavailable here, or the model cannot be prepared or loaded.
         """
@@ -307,14 +330,39 @@ class Backend(abc.ABC):
         if not availability.ok:
             raise BackendError(f"{self.label}: {availability.reason}")
         self._seed()
-        started = time.perf_counter()
-        try:
-            directory = checkpoint_dir(model)
-        except ModelError as exc:
-            raise BackendError(f"{self.label}: {exc}") from None
+        with collect_rebuilds() as rebuilds:
+            started = time.perf_counter()
+            try:
+                directory = checkpoint_dir(model)
+            except ModelError as exc:
+                raise BackendError(f"{self.label}: {exc}") from None
+            spent = 0.0  # preparation seconds of a first attempt that failed
+            for attempt in (1, 2):
+                self.cached_entry = None
+                try:
+                    report = self._prepare_and_load(model, directory, started)
+                    break
+                except Exception as exc:
+                    entry = self.cached_entry
+                    if attempt == 2 or entry is None or _out_of_memory(exc):
+                        raise
+                    spent += self._prepared_s
+                    message = (str(exc).strip().splitlines() or [""])[0][:200]
+                    note_rebuild(entry.title, f"loading it raised {type(exc).__name__}: {message}")
+                    entry.discard()
+                    self.close()
+                    started = time.perf_counter()
+        report.preparation.wall_s += spent
+        if rebuilds:
+            report.details["cache_rebuilt"] = "; ".join(rebuilds)
+        return report
+
+    def _prepare_and_load(self, model: ModelSpec, directory: Path, started: float) -> LoadReport:
+        """One attempt of ``load`` after the checkpoint: prepare, ``_load``, the first token."""
+        self._prepared_s = 0.0
         preparation = self.prepare(model, directory)
         preparation.checkpoint_s = prepare_seconds(directory)
-        preparation.wall_s = time.perf_counter() - started
+        preparation.wall_s = self._prepared_s = time.perf_counter() - started
         self.special = SpecialTokens.from_checkpoint(directory)
         self.spec = model
         from backends.memory import LoadMemory
@@ -326,7 +374,7 @@ class Backend(abc.ABC):
         first = self.generate([[self.special.eos_ids[0] if self.special.eos_ids else 0]], 1, min_new_tokens=1)
         ready = first.step_times_s[0]
         return LoadReport(ready - begin, called - begin, ready - called, int(loaded.weight_bytes),
-                          preparation, loaded.details, memory.finish())
+                          preparation, dict(loaded.details), memory.finish())
 
     def _seed(self) -> None:
         random.seed(self.options.seed)
@@ -336,7 +384,9 @@ class Backend(abc.ABC):
             torch.manual_seed(self.options.seed)
 
     def prepare(self, model: ModelSpec, directory: Path) -> Preparation:
-        """One-time, cached work before ``_load`` (export, quantize, convert, compile).
+        """One-time, cached work before ``_load`` (export, quantize, convert, compile). A backend
+        with a cache checks its entry (``backends.artifact_cache.CacheEntry``), rebuilds a corrupt
+        one, and sets ``self.cached_entry`` to the entry on a cache hit.
 
         Args:
             model: the model. directory: its local checkpoint (already converted).

@@ -12,14 +12,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from backends.artifact_cache import CacheEntry, publish_dir
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 EMBEDDED_MODEL = "smollm2-135m"
 RANDOM_SEED = 0
+DONE = "done.json"  # a converted checkpoint's manifest (backends.artifact_cache), written last
 
 
 class ModelError(ValueError):
@@ -203,7 +207,9 @@ def checkpoint_dir(spec: ModelSpec) -> Path:
     GGUF models are converted once (transformers ``gguf_file=``) and cached; random-weight models
     are initialised with seed 0 and cached with the embedded model's tokenizer as a stand-in (token
     identity does not matter to speed). Hub models resolve through the local Hub cache. The cache
-    key includes the transformers version, so an upgrade re-converts.
+    key includes the transformers version, so an upgrade re-converts. A converted entry is built in
+    a staging directory, published with its manifest (``checkpoint_entry``) and checked against it
+    on every call: a corrupt or incomplete one is discarded and converted again, with a note.
 
     Raises:
         ModelError: the model cannot be fetched or converted.
@@ -225,18 +231,41 @@ def checkpoint_dir(spec: ModelSpec) -> Path:
     key_source = spec.location if spec.source == "random" else file_identity(spec.location)
     key = _fingerprint(spec.source, key_source, transformers.__version__, str(RANDOM_SEED))
     target = cache_root() / "checkpoints" / f"{Path(spec.name).name}-{spec.source}-{key}"
-    if (target / "done.json").is_file():
+    entry = checkpoint_entry(target)
+    if entry.check_or_discard(legacy=_legacy_done) is not None:
         return target
-    target.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     started = time.perf_counter()
-    if spec.source == "gguf":
-        _convert_gguf(Path(spec.location), target)
-    else:
-        _build_random(Path(spec.location), target)
-    (target / "done.json").write_text(
-        json.dumps({"prepare_s": time.perf_counter() - started, "spec": spec.to_dict()})
-    )
+    try:
+        if spec.source == "gguf":
+            _convert_gguf(Path(spec.location), staging)
+        else:
+            _build_random(Path(spec.location), staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    publish_dir(staging, entry, {"prepare_s": time.perf_counter() - started, "spec": spec.to_dict()})
     return target
+
+
+def checkpoint_entry(directory: Path) -> CacheEntry:
+    """The cache entry of a converted checkpoint: the whole ``directory``, its manifest
+    ``done.json`` (which also holds ``prepare_s`` and the spec).
+
+    What its check sees (``backends.artifact_cache``): a missing ``done.json`` or file, a file
+    truncated or extended, a config or tokenizer file with any byte changed, ``model.safetensors``
+    (or a shard) overwritten with other bytes; not a few changed bytes between the sampled blocks
+    of a weight file. A checkpoint converted before manifests (a ``done.json`` with ``prepare_s``
+    and no file list) is adopted as it is. Hub and local checkpoints are not ours and not checked.
+    """
+    return CacheEntry(Path(directory), name=DONE, label="converted checkpoint")
+
+
+def _legacy_done(old: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A ``done.json`` from before manifests (written last by the old code): its facts."""
+    return old if old is not None and "prepare_s" in old else None
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
@@ -266,7 +295,7 @@ def _build_random(config_path: Path, target: Path) -> None:
 
 def prepare_seconds(directory: Path) -> float | None:
     """Seconds the one-time conversion of a cached checkpoint took, if it was ours."""
-    done = directory / "done.json"
+    done = directory / DONE
     return json.loads(done.read_text())["prepare_s"] if done.is_file() else None
 
 

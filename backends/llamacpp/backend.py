@@ -129,6 +129,7 @@ class LlamaCppBackend(Backend):
         except (UnsupportedModel, RuntimeError) as exc:
             raise BackendError(f"{self.label}: {exc}") from None
         self._source = facts["source"]
+        self.cached_entry = facts["entry"] if facts["cache_hit"] else None
         self._weight_groups = weight_groups(self.path)
         return Preparation(convert_s=facts["convert_s"], quantize_s=facts["quantize_s"],
                            artifact_bytes=self.path.stat().st_size, artifact_dir=str(self.path.parent),

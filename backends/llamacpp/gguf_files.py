@@ -13,6 +13,16 @@ Quantized types are made by llama.cpp's own quantizer (``llama_model_quantize``)
 source. Files are cached under ``cache_root()/llamacpp/<checkpoint>-<key>/``; the key hashes the
 source's identity and the llama-cpp-python version, and files are written to a temporary name and
 renamed, so a crash never leaves a file that looks complete.
+
+Each GGUF ``<variant>.gguf`` of a folder is its own cache entry (``file_entry``) with its manifest
+``<variant>.json`` (the build facts, the file's size and sha256 of sampled blocks:
+``backends.artifact_cache``), written after the file. The check on every load detects a missing
+GGUF or manifest, a GGUF truncated or extended, or overwritten (its size, first and last 64 KiB
+and 6 blocks between are hashed); such a file is deleted and built again (the f32 source too).
+A few bytes changed inside the tensor data between sampled blocks are not detected: llama.cpp
+does not checksum tensors, and the load uses them. A header that llama.cpp cannot parse makes
+the load fail, and ``Backend.load`` rebuilds the file once. A file from before manifests (a
+``<variant>.json`` of facts without a file list, beside its GGUF) is adopted.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from backends.artifact_cache import CacheEntry, write_manifest
 from backends.models import ModelSpec, cache_root, checkpoint_identity, file_identity
 
 FORMAT = 1  # of the files this module writes; part of the cache key
@@ -213,12 +224,33 @@ def quantize(source: Path, target: Path, variant: str, threads: int) -> None:
         raise RuntimeError(f"llama_model_quantize to {variant} failed (see the log)")
 
 
+def file_entry(entry: Path, variant: str) -> CacheEntry:
+    """The cache entry of one variant's GGUF in the folder ``entry``: ``<variant>.gguf`` with its
+    manifest ``<variant>.json``."""
+    return CacheEntry(Path(entry), name=f"{variant}.json", files=(f"{variant}.gguf",), label="llama.cpp cache entry")
+
+
+def _cached_facts(entry: Path, variant: str) -> dict[str, Any] | None:
+    """The build facts of a sound cached GGUF of ``variant``; None when there is none (a corrupt one
+    is deleted, with a note). A facts file from before manifests, beside its GGUF, is adopted."""
+
+    def adopt(old: dict[str, Any] | None) -> dict[str, Any] | None:
+        return old if old is not None and "source" in old and "convert_s" in old else None
+
+    manifest = file_entry(entry, variant).check_or_discard(legacy=adopt)
+    if manifest is None:
+        return None
+    return {k: manifest[k] for k in ("convert_s", "quantize_s", "source")}
+
+
 def variant_file(spec: ModelSpec, directory: Path, variant: str, threads: int) -> tuple[Path, dict[str, Any]]:
-    """The GGUF of ``variant`` for this model, built on a cache miss.
+    """The GGUF of ``variant`` for this model, built on a cache miss or when the cached file fails
+    its manifest check (``file_entry``).
 
     Returns:
         ``(path, facts)``: facts are ``convert_s`` (writing the f32 source), ``quantize_s``,
-        ``cache_hit`` and ``source`` (what the file was made from).
+        ``cache_hit``, ``source`` (what the file was made from) and ``entry`` (the file's
+        ``CacheEntry``; None for the shipped Q4_1 file, which is not ours).
 
     Raises:
         UnsupportedModel: the checkpoint cannot be written as GGUF.
@@ -226,31 +258,31 @@ def variant_file(spec: ModelSpec, directory: Path, variant: str, threads: int) -
     """
     entry = entry_dir(spec, directory)
     entry.mkdir(parents=True, exist_ok=True)
-    facts_path = entry / f"{variant}.json"
     target = entry / f"{variant}.gguf"
     if spec.source == "gguf" and variant == "q4_1" and Path(spec.location).name.lower().endswith("q4_1.gguf"):
-        return Path(spec.location), {"convert_s": 0.0, "quantize_s": 0.0, "cache_hit": True,
+        return Path(spec.location), {"convert_s": 0.0, "quantize_s": 0.0, "cache_hit": True, "entry": None,
                                       "source": "the shipped Q4_1 file, as it is"}
-    if target.is_file() and facts_path.is_file():
-        return target, {**json.loads(facts_path.read_text()), "cache_hit": True}
+    cached = _cached_facts(entry, variant)
+    if cached is not None:
+        return target, {**cached, "cache_hit": True, "entry": file_entry(entry, variant)}
     source = entry / "f32.gguf"
-    convert_s = 0.0
-    if not (entry / "f32.json").is_file() or not source.is_file():
+    base = _cached_facts(entry, "f32") if variant != "f32" else None
+    if base is None:
         if spec.source == "gguf":
             convert_s = _atomic(source, lambda tmp: dequantize_gguf(Path(spec.location), tmp))
             origin = f"f32 dequantized from {Path(spec.location).name}"
         else:
             convert_s = _atomic(source, lambda tmp: write_f32_from_checkpoint(directory, tmp))
             origin = "f32 written from the transformers checkpoint"
-        (entry / "f32.json").write_text(json.dumps({"convert_s": convert_s, "quantize_s": 0.0, "source": origin}))
-    base = json.loads((entry / "f32.json").read_text())
+        base = {"convert_s": convert_s, "quantize_s": 0.0, "source": origin}
+        write_manifest(entry, [source.name], base, name="f32.json")
     if variant == "f32":
-        return source, {**base, "cache_hit": convert_s == 0.0}
+        return source, {**base, "cache_hit": False, "entry": file_entry(entry, "f32")}
     quantize_s = _atomic(target, lambda tmp: quantize(source, tmp, variant, threads))
     facts = {"convert_s": base["convert_s"], "quantize_s": quantize_s,
              "source": f"llama_model_quantize({variant}) of the {base['source']}"}
-    facts_path.write_text(json.dumps(facts))
-    return target, {**facts, "cache_hit": False}
+    write_manifest(entry, [target.name], facts, name=f"{variant}.json")
+    return target, {**facts, "cache_hit": False, "entry": file_entry(entry, variant)}
 
 
 UNQUANTIZED_TYPES = ("F32", "F16", "BF16", "F64")

@@ -2,9 +2,17 @@
 
 One directory per (checkpoint, quantization mode, compute dtype, target, TVM version, source hash
 of this backend's model/quantization/schedule code), under ``cache_root() / "mlc"``:
-``lib.so`` (``Executable.export_library``), ``params.npz`` (converted weights, export order) and
-``meta.json`` (parameter names, convert and compile seconds). Written to a temporary directory and
-renamed, so a crash never leaves a half-written entry that looks complete.
+``lib.so`` (``Executable.export_library``), ``params.npz`` (converted weights, export order),
+``meta.json`` (parameter names, convert and compile seconds) and ``manifest.json`` (each file's
+size and sha256, ``backends.artifact_cache``). Written to a temporary directory, manifest last,
+and renamed, so a crash never leaves a half-written entry that looks complete.
+
+``check`` detects a missing file or manifest, a file truncated or extended, ``meta.json`` or a
+small ``lib.so`` with any byte changed, and ``params.npz`` or a large ``lib.so`` overwritten
+(its size, first and last 64 KiB and 6 blocks between are hashed). A few bytes changed between
+those blocks are not seen by the manifest: ``np.load`` then fails the zip member's CRC, or TVM
+fails to load the library, and ``Backend.load`` discards the entry and rebuilds it once.
+An entry from before manifests (three files, a ``meta.json`` without ``"manifest"``) is adopted.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from backends.artifact_cache import CacheEntry, atomic_write_text, note_rebuild, publish_dir
 from backends.models import cache_root
 
 _SOURCES = ("model.py", "quant.py", "schedules.py", "attention.py", "fastmath.py", "compile.py", "convert.py")
@@ -40,24 +49,74 @@ def artifact_dir(checkpoint: Path, mode: str, dtype: str, target_key: str, root:
     return Path(root or cache_root() / "mlc") / key.replace("/", "_")
 
 
+FILES = ("lib.so", "params.npz", "meta.json")
+
+
+def cache_entry(directory: Path) -> CacheEntry:
+    """The entry at ``directory``: the whole directory, manifest ``manifest.json``."""
+    return CacheEntry(Path(directory), label="mlc cache entry")
+
+
+def _legacy(directory: Path):
+    """The old rule (before manifests): the three files exist, and ``meta.json`` lacks
+    ``"manifest": true``, which this version writes (and adds on adoption), so that an entry
+    with a manifest that loses it is incomplete, not legacy."""
+
+    def adopt(old: dict[str, Any] | None) -> dict[str, Any] | None:
+        if old is not None or not all((Path(directory) / f).is_file() for f in FILES):
+            return None
+        try:
+            meta = json.loads((Path(directory) / "meta.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(meta, dict) or meta.get("manifest"):
+            return None
+        try:  # from now on the entry is one with a manifest: losing it means a rebuild
+            atomic_write_text(Path(directory) / "meta.json", json.dumps({**meta, "manifest": True}, indent=1))
+        except OSError:  # a read-only cache
+            pass
+        return {}
+
+    return adopt
+
+
+def check(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``(manifest, None)`` for a sound entry, ``(None, reason)`` for a corrupt or incomplete one,
+    ``(None, None)`` when there is none (see the module docstring for what is detected)."""
+    manifest, reason = cache_entry(directory).check(legacy=_legacy(directory))
+    if manifest is not None and not set(FILES) <= set(manifest["files"]):
+        return None, f"the manifest does not list {', '.join(FILES)}"
+    return manifest, reason
+
+
 def is_complete(directory: Path) -> bool:
-    return all((directory / f).is_file() for f in ("lib.so", "params.npz", "meta.json"))
+    """Whether ``directory`` holds a sound entry (nothing is discarded)."""
+    return check(directory)[0] is not None
+
+
+def usable(directory: Path) -> bool:
+    """Whether ``directory`` holds a sound entry; a corrupt or incomplete one is discarded with a
+    ``note_rebuild`` line, for the caller to build again."""
+    manifest, reason = check(directory)
+    if reason is not None:
+        entry = cache_entry(directory)
+        note_rebuild(entry.title, reason)
+        entry.discard()
+    return manifest is not None
 
 
 def save(directory: Path, executable, params: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-    """Write an entry atomically (temporary directory, then rename)."""
+    """Write an entry atomically (temporary directory, manifest last, then rename)."""
     tmp = directory.with_name(directory.name + f".tmp{time.time_ns()}")
     tmp.mkdir(parents=True)
     try:
         executable.export_library(str(tmp / "lib.so"))
         np.savez(tmp / "params.npz", **params)
-        (tmp / "meta.json").write_text(json.dumps({**meta, "names": list(params)}, indent=1))
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "meta.json").write_text(json.dumps({**meta, "names": list(params), "manifest": True}, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_dir(tmp, cache_entry(directory))
 
 
 def load(directory: Path):

@@ -154,7 +154,8 @@ class MLCBackend(Backend):
         suffix = ("" if embed_mode is self.mode else "-embf") + ("" if self.options.attention == "fast" else "-stockattn")
         entry = artifacts.artifact_dir(directory, self.variant + suffix, dtype, target_key(target),
                                        self.options.cache_dir)
-        cached = artifacts.is_complete(entry)
+        cached = artifacts.usable(entry)  # a corrupt entry is discarded here, and built below
+        self.cached_entry = artifacts.cache_entry(entry) if cached else None
         # CPU kernels read weights in column tiles; dlight's CUDA rules expect plain KN
         tile_width = CPU_COLUMN_TILE if self.device == "cpu" else 0
         if not cached:

@@ -5,9 +5,15 @@ One cache entry is a directory ``cache_root()/onnx/<model>-<variant>-<key>/`` ho
 that changes the graph: the checkpoint's identity (path, config and weight-file sizes and mtimes),
 the variant, the quantization settings and the versions of optimum-onnx, onnxruntime, onnx,
 transformers and torch. An entry is built in a temporary sibling directory and renamed into place
-with the manifest written last, so a half-written entry never has a manifest. A manifest that is
-missing, unreadable, from another key, or lists files whose sizes differ marks the entry corrupt:
-it is deleted and rebuilt with a warning, never trusted.
+with the manifest written last (``backends.artifact_cache.publish_dir``), so a half-written entry
+never has a manifest. The manifest lists every file with its size and sha256 (whole for files up
+to 4 MiB, sampled blocks beyond: see ``backends.artifact_cache``). A manifest that is missing,
+unreadable, from another key, or lists a file that is missing, of another size or with another
+digest marks the entry corrupt, as does a ``model.onnx`` that ``onnx.load`` cannot parse (the
+``check`` of ``get_or_build``): it is deleted and rebuilt with a ``CacheRebuildWarning``, never
+trusted. A graph whose bytes changed between sampled blocks and still parses is not detected.
+An entry from before these manifests (its manifest lists sizes only) is adopted if its files have
+those sizes.
 """
 
 from __future__ import annotations
@@ -17,11 +23,11 @@ import json
 import os
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from backends.artifact_cache import CacheEntry, note_rebuild, publish_dir
 from backends.base import BackendError
 from backends.models import cache_root
 
@@ -72,7 +78,7 @@ class Artifact:
         manifest: what was recorded when it was built: ``export_s`` and ``quantize_s`` (seconds the
             build took; ``quantize_s`` is 0 for fp32), ``artifact_bytes`` (bytes on disk of every
             graph file), ``weight_bytes`` (bytes of the graph's initializers), ``opset``,
-            ``settings``, ``versions``, ``files`` (name -> bytes).
+            ``settings``, ``versions``, ``files`` (name -> ``{bytes, sha256, hashed}``).
         cache_hit: True when the entry existed and was valid before this load.
         rebuilt_reason: why an existing entry was discarded and rebuilt, if it was.
         export_done_now: whether this load ran the ONNX export (for a quantized entry: whether
@@ -99,32 +105,41 @@ def entry_dir(model_name: str, variant: str, key: str) -> Path:
     return cache_root() / "onnx" / f"{Path(model_name).name}-{variant}-{key}"
 
 
+def cache_entry(directory: Path) -> CacheEntry:
+    """The entry at ``directory``: the whole directory, manifest ``manifest.json``."""
+    return CacheEntry(Path(directory), MANIFEST, label="onnx cache entry")
+
+
+def _legacy(directory: Path) -> Callable[[dict[str, Any] | None], dict[str, Any] | None]:
+    """The old rule for a manifest of sizes only (before ``backends.artifact_cache``): every file
+    listed has its size. Returns the adopter ``CacheEntry.check`` calls."""
+
+    def adopt(old: dict[str, Any] | None) -> dict[str, Any] | None:
+        files = (old or {}).get("files")
+        if not isinstance(files, dict) or MODEL_FILE not in files:
+            return None
+        for name, size in files.items():
+            path = Path(directory) / name
+            if not isinstance(size, int) or not path.is_file() or path.stat().st_size != size:
+                return None
+        return {k: v for k, v in old.items() if k != "files"}
+
+    return adopt
+
+
 def validate(directory: Path, key: str) -> tuple[dict[str, Any] | None, str | None]:
     """Check an entry: returns ``(manifest, None)`` if valid, ``(None, reason)`` if not, and
-    ``(None, None)`` if there is no entry at all."""
-    if not directory.exists():
-        return None, None
-    manifest_path = directory / MANIFEST
-    if not manifest_path.is_file():
-        return None, "no manifest (an interrupted build)"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = dict(manifest["files"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return None, f"unreadable manifest ({type(exc).__name__})"
+    ``(None, None)`` if there is no entry at all. Files are checked by ``CacheEntry.check``."""
+    manifest, reason = cache_entry(directory).check(legacy=_legacy(directory))
+    if manifest is None:
+        return None, reason
     missing = [name for name in REQUIRED if name not in manifest]
     if missing:
         return None, f"manifest lacks {', '.join(missing)}"
     if manifest.get("key") != key:
         return None, "manifest key does not match the entry"
-    if MODEL_FILE not in files:
+    if MODEL_FILE not in manifest["files"]:
         return None, f"manifest lists no {MODEL_FILE}"
-    for name, size in files.items():
-        path = directory / name
-        if not path.is_file():
-            return None, f"{name} is missing"
-        if path.stat().st_size != size:
-            return None, f"{name} has {path.stat().st_size} bytes, the manifest says {size}"
     return manifest, None
 
 
@@ -268,8 +283,10 @@ def get_or_build(
             manifest, reason = None, f"{MODEL_FILE} does not load ({type(exc).__name__}: {str(exc)[:120]})"
     if manifest is not None:
         return Artifact(directory, manifest, cache_hit=True)
+    entry = cache_entry(directory)
     if reason is not None:
-        warnings.warn(f"onnx cache entry {directory.name} is corrupt ({reason}); rebuilding it", stacklevel=2)
+        note_rebuild(entry.title, reason)
+        entry.discard()
     staging = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -277,8 +294,8 @@ def get_or_build(
         timings = build(staging)
         if not (staging / MODEL_FILE).is_file():
             raise BackendError(f"the {variant} build wrote no {MODEL_FILE}")
-        files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
-        manifest = {
+        sizes = [p.stat().st_size for p in staging.iterdir() if p.is_file()]
+        facts = {
             "key": key,
             "model": model_name,
             "variant": variant,
@@ -286,15 +303,12 @@ def get_or_build(
             "versions": library_versions(),
             "export_s": float(timings.get("export_s", 0.0)),
             "quantize_s": float(timings.get("quantize_s", 0.0)),
-            "artifact_bytes": int(sum(files.values())),
-            "files": files,
+            "artifact_bytes": int(sum(sizes)),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **graph_facts(staging / MODEL_FILE),
         }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    manifest = publish_dir(staging, entry, facts)
     return Artifact(directory, manifest, cache_hit=False, rebuilt_reason=reason)

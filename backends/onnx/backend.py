@@ -238,6 +238,7 @@ class OnnxRuntimeBackend(Backend):
         self.spec = model
         self._providers()  # a device the machine cannot give fails before any export
         self.artifact = self._artifact(directory)
+        self.cached_entry = artifacts.cache_entry(self.artifact.directory) if self.artifact.cache_hit else None
         self._weight_groups = artifacts.cached_weight_groups(self.artifact.directory, self.artifact.model_path)
         manifest = self.artifact.manifest
         return Preparation(export_s=manifest["export_s"], quantize_s=manifest["quantize_s"],
@@ -267,8 +268,6 @@ class OnnxRuntimeBackend(Backend):
         manifest = self.artifact.manifest
         details = {"folded_weight_bytes": manifest["folded_weight_bytes"], "provider": self.provider,
                    "export_done_now": self.artifact.export_done_now}
-        if self.artifact.rebuilt_reason:
-            details["cache_rebuilt"] = self.artifact.rebuilt_reason
         return LoadedModel(int(manifest["weight_bytes"]), details)
 
     def _read_layout(self) -> dict[str, Any]:
