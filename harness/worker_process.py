@@ -10,6 +10,7 @@ timeout that killed it).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -88,8 +89,12 @@ def worker_events(payload: dict[str, Any], log_path: Path, cell_timeout_s: float
                                 stdout=subprocess.PIPE, stderr=log, text=True, env=env,
                                 preexec_fn=_die_with_parent)
         try:
-            proc.stdin.write(json.dumps(payload))
-            proc.stdin.close()
+            try:
+                proc.stdin.write(json.dumps(payload))
+                proc.stdin.close()
+            except BrokenPipeError:  # it died before reading its job: its exit status says how
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()
             lines: queue.Queue = queue.Queue()
             threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
             deadline = time.monotonic() + cell_timeout_s

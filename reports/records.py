@@ -291,18 +291,28 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         ResultsError: a line before the last that is not a JSON record.
     """
     records = []
-    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
-    for number, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                if number == len(lines):  # the last line, without its newline: a write cut short
-                    warnings.warn(f"{path}:{number}: skipped a last line cut mid-write ({len(line)} characters); "
-                                  "sweep --resume runs that cell again", TruncatedResultsWarning, stacklevel=2)
-                    continue
-                raise ResultsError(f"{path}:{number}: not a JSON line") from None
-            records.append(_checked(record, f"{path}:{number}"))
+    lines = path.read_bytes().split(b"\n")
+    for number, raw in enumerate(lines, 1):
+        last = number == len(lines)  # a last line has no newline: a write may have been cut there
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if not (last and exc.reason == "unexpected end of data"):  # not a character cut in two
+                raise
+            line = None
+        if line is not None and not line.strip():
+            continue
+        try:
+            record = json.loads(line) if line is not None else None
+        except ValueError:
+            record = None
+        if record is None:
+            if last:
+                warnings.warn(f"{path}:{number}: skipped a last line cut mid-write ({len(raw)} bytes); "
+                              "sweep --resume runs that cell again", TruncatedResultsWarning, stacklevel=2)
+                continue
+            raise ResultsError(f"{path}:{number}: not a JSON line")
+        records.append(_checked(record, f"{path}:{number}"))
     return records
 
 
