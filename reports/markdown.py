@@ -45,6 +45,14 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def without_empty_columns(header: list[str], rows: list[list[str]], keep: int = 1) -> tuple[list[str], list[list[str]]]:
+    """``header`` and ``rows`` less the columns (after the first ``keep``) that no row fills (every
+    cell "-" or empty): a quality-only study's summary shows no empty speed columns."""
+    used = [i for i in range(len(header))
+            if i < keep or any(row[i] not in ("-", "") for row in rows)]
+    return [header[i] for i in used], [[row[i] for i in used] for row in rows]
+
+
 def _first(records: list[dict[str, Any]], key: str) -> Any:
     return next((r[key] for r in records if r.get(key)), None)
 
@@ -109,8 +117,9 @@ def _relative_section(records: list[dict[str, Any]], baseline: str | None, flags
             "bytes saved (weights as stored; model-resident host memory), perplexity change paired over the "
             "same scored tokens with a block-bootstrap 95% CI and p-value, KL divergence and top-1 agreement "
             "with the baseline's distributions, greedy-token agreement and first divergent token (FDT) on the "
-            "latency prompts, decode rate as % of the memory-bandwidth roofline (`docs/metrics.md`).", "",
-            md_table(RELATIVE_COLUMNS, cells), ""]
+            "latency prompts, decode rate as % of the memory-bandwidth roofline (`docs/metrics.md`); "
+            "columns no row has are left out.", "",
+            md_table(*without_empty_columns(RELATIVE_COLUMNS, cells)), ""]
 
 
 def render_report(records: list[dict[str, Any]], out_dir: Path, title: str = "quantarena report",
@@ -143,7 +152,7 @@ def render_report(records: list[dict[str, Any]], out_dir: Path, title: str = "qu
         parts.append(f"Latency columns at n_in={shape['n_in']}, n_out={shape['n_out']}, "
                      f"batch={shape['batch']}; median ± standard deviation over repetitions.\n")
     parts += relative + ["Absolute values:", ""]
-    parts.append(md_table(list(SummaryRow.COLUMNS), [r.cells() for r in rows]))
+    parts.append(md_table(*without_empty_columns(list(SummaryRow.COLUMNS), [r.cells() for r in rows])))
     if flags:
         parts += ["", f"### Sanity flags ({FLAG})", "", "Thresholds: `docs/metrics.md`, \"Sanity flags\".", ""]
         parts += [f"- `{label}`: " + "; ".join(reasons) for label, reasons in flags.items()]

@@ -88,7 +88,7 @@ def heatmap(rows: list[dict[str, Any]], path: Path) -> Path:
         ax.set_title(label, fontsize=10)
     axes[0][0].set_ylabel("prompt length (tokens)")
     fig.colorbar(image, ax=axes[0].tolist(), label="F1 (%)", fraction=0.05, pad=0.02)
-    fig.suptitle("squad-long: F1 of the answer by depth and prompt length", fontsize=11)
+    fig.suptitle("squad-long: F1 of the answer by depth and prompt length", fontsize=11, y=1.04)  # above panel titles
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -11,7 +11,8 @@ CSV_FIELDS = ("label", "series", "length_tokens", "tail_tokens", "ppl", "ppl_se"
 
 
 def tail_ppl_figure(records: list[dict[str, Any]], out_dir: Path) -> Path | None:
-    """Tail PPL (± its SE) against context length (log2 axis), a line per label, from the ok
+    """Tail PPL (± its SE) against context length (log2 axis; PPL on a log axis when it spans more
+    than 4x), a line per label, from the ok
     ``wikitext2-long`` records. Writes ``<out_dir>/wikitext2_long_ppl_vs_length.png`` and the same
     name with ``.csv`` (``CSV_FIELDS``, one row per point drawn). Returns the PNG path, or None when
     no label has two lengths (nothing to draw)."""
@@ -33,7 +34,15 @@ def tail_ppl_figure(records: list[dict[str, Any]], out_dir: Path) -> Path | None
                     **styles.line(label, line["series"].iloc[0]))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens, log scale)")
-    ax.set_ylabel(f"PPL of the last {', '.join(map(str, sorted(frame['tail_tokens'].unique())))} tokens")
+    tail = f"PPL of the last {', '.join(map(str, sorted(frame['tail_tokens'].unique())))} tokens"
+    if frame["ppl"].max() > 4 * frame["ppl"].min():  # a broken variant would flatten all the others
+        from matplotlib.ticker import ScalarFormatter
+
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
+        tail += " (log scale)"
+    ax.set_ylabel(tail)
     ax.set_title("wikitext2-long: tail perplexity vs context length")
     ax.grid(alpha=0.3)
     return _finish(fig, ax, Path(out_dir) / f"{FIGURE}.png", frame)
