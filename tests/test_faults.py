@@ -267,3 +267,23 @@ def test_an_output_folder_that_cannot_be_written_is_exit_2_before_any_cell_runs(
         locked.mkdir(mode=0o500)
         assert main([*RUN, "--out", str(locked / "out")]) == 2
         assert "cannot write there" in capsys.readouterr().err
+
+
+def test_a_runner_killed_outright_leaves_the_report_of_every_variant_that_finished(tmp_path):
+    sweep = tmp_path / "sweep.yaml"  # variant seed=0 runs cell 1 (ok); variant seed=1 runs 1 (ok) then 2 (long)
+    sweep.write_text("model: tiny-llama\nbackends: [hf:fp32]\nworkloads: [fault]\nbaseline: none\n"
+                     "axes:\n  cell: [1, 2]\n  hf.seed: [0, 1]\nexclude: [{hf.seed: 0, cell: 2}]\n")
+    plan("ok,long")
+    out = tmp_path / "out"
+    runner = subprocess.Popen([sys.executable, "-c", DRIVER, "sweep", str(sweep), "--out", str(out)], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        when(lambda: len(records(out)) == 2)  # seed=0 finished; seed=1 is inside its long cell
+        runner.kill()  # SIGKILL: no chance to write anything on the way out
+        runner.wait(timeout=60)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    report = (out / "report.md").read_text()
+    assert "hf:fp32 [seed=0]" in report  # rendered when that variant finished
+    assert [r["status"] for r in records(out)] == ["ok", "ok"]
