@@ -37,6 +37,16 @@ class OneLineParser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+def _positive_days(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of days > 0, got {text!r}")
+    return value
+
+
 def _key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -90,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="what a run or sweep into a folder has done: per backend variant, "
                             "cells ok / failed / waiting, and Slurm job states")
     status.add_argument("out", type=Path, help="the run's --out folder")
+    cache = sub.add_parser("cache", help="the artifact caches on disk: list entries with their size, last use and "
+                           "state; prune unusable ones, old ones (--older-than) or all")
+    cache.add_argument("action", choices=("list", "prune"))
+    cache.add_argument("--kind", choices=("checkpoints", "onnx", "mlc", "llamacpp", "other"),
+                       help="only this cache")
+    cache.add_argument("--older-than", type=_positive_days, metavar="DAYS",
+                       help="prune: also entries not used for DAYS days")
+    cache.add_argument("--all", action="store_true", help="prune: every entry")
+    cache.add_argument("--dry-run", action="store_true", help="prune: list what would be removed, remove nothing")
     compare = sub.add_parser("compare", help="compare two results files (.jsonl/.csv/.sqlite: per-cell "
                              "ratios, changes beyond the noise flagged) or pytest-benchmark JSON runs "
                              "(first = reference)")
@@ -441,7 +460,43 @@ def command_status(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"status": command_status, "run": command_run, "sweep": command_sweep, "list": command_list, "report": command_report,
+def command_cache(args: argparse.Namespace) -> int:
+    import datetime as dt_
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    from backends.models import cache_root
+    from harness.cache import cache_items, human_bytes, to_prune
+    from harness.console import console
+
+    root = cache_root()
+    if args.action == "list" and (args.older_than is not None or args.all or args.dry_run):
+        raise UsageError("--older-than, --all and --dry-run are for cache prune")
+    items = [i for i in cache_items(root) if args.kind is None or i.kind == args.kind]
+    if args.action == "prune":
+        items = to_prune(items, args.older_than, args.all)
+    verb = {"list": "", "prune": "would remove " if args.dry_run else "removed "}[args.action]
+    table = Table(title=f"{verb}{escape(str(root))}")
+    for column in ("cache", "entry", "size", "last used", "state"):
+        table.add_column(column, justify="right" if column == "size" else "left")
+    for item in items:
+        used = dt_.datetime.fromtimestamp(item.last_used).strftime("%Y-%m-%d %H:%M") if item.last_used else "-"
+        table.add_row(item.kind, escape(str(item.path.relative_to(root))), human_bytes(item.bytes), used,
+                      escape(item.state))
+        if args.action == "prune" and not args.dry_run:
+            item.remove()
+    console.print(table)
+    total = sum(item.bytes for item in items)
+    by_kind = {}
+    for item in items:
+        by_kind[item.kind] = by_kind.get(item.kind, 0) + item.bytes
+    parts = ", ".join(f"{kind} {human_bytes(size)}" for kind, size in by_kind.items())
+    console.print(f"{verb}{len(items)} entries, {human_bytes(total)}" + (f" ({parts})" if parts else ""))
+    return 0
+
+
+COMMANDS = {"cache": command_cache, "status": command_status, "run": command_run, "sweep": command_sweep, "list": command_list, "report": command_report,
             "compare": command_compare}
 
 

@@ -117,6 +117,12 @@ CASES: list[tuple[str, list[str], str | None, str]] = [
     ("compare --out through a file", ["compare", "RESULTS/results.jsonl", "RESULTS/results.jsonl", "--out", "FILE/x.md"], None, '--out TMP/a-file: cannot write there (File exists)'),
     ("status of a folder without a run", ["status", "OUT"], None, 'TMP/out: no plan.json here; give the --out folder of a run or sweep'),
     ("list --options unknown backend", ["list", "--options", "vllm"], None, "python -m harness list: argument --options: invalid choice: 'vllm' (choo"),
+    ("cache action unknown", ["cache", "clean"], None, "argument action: invalid choice: 'clean' (choose from 'list', 'prune')"),
+    ("cache --kind unknown", ["cache", "list", "--kind", "gguf"], None, "argument --kind: invalid choice: 'gguf'"),
+    ("cache --older-than not positive", ["cache", "prune", "--older-than", "0"], None,
+     "argument --older-than: expected a number of days > 0, got '0'"),
+    ("cache list --all", ["cache", "list", "--all"], None, "--older-than, --all and --dry-run are for cache prune"),
+    ("cache list --dry-run", ["cache", "list", "--dry-run"], None, "--older-than, --all and --dry-run are for cache prune"),
     ("unknown command", ["benchmark"], None, "python -m harness: argument command: invalid choice: 'benchmark' (choose"),
 ]
 
