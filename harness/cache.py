@@ -48,39 +48,35 @@ class CacheItem:
             self.path.unlink(missing_ok=True)
 
 
-def _usage(paths: list[Path]) -> tuple[int, float]:
-    """(bytes, newest access or modification time) of ``paths`` and every file below them."""
-    size, newest = 0, 0.0
+def _files(paths: list[Path]) -> dict[Path, os.stat_result]:
+    """Every file of ``paths`` (files, or folders walked) with its stat."""
+    found = {}
     for path in paths:
-        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-        for file in files:
+        for file in [path] if path.is_file() else path.rglob("*"):
             try:
-                stat = file.stat()
+                if file.is_file():
+                    found[file] = file.stat()
             except OSError:
                 continue
-            size += stat.st_size
-            newest = max(newest, stat.st_atime, stat.st_mtime)
-    return size, newest
+    return found
+
+
+def _usage(files: dict[Path, os.stat_result]) -> tuple[int, float]:
+    """(bytes, newest access or modification time) of ``files``."""
+    return (sum(stat.st_size for stat in files.values()),
+            max((max(stat.st_atime, stat.st_mtime) for stat in files.values()), default=0.0))
 
 
 UNVERIFIED = "unverified: no manifest yet (written before manifests; its next load adopts or rebuilds it)"
 
 
-def _state(entry: CacheEntry, paths: list[Path]) -> str:
+def _state(entry: CacheEntry, files: dict[Path, os.stat_result]) -> str:
     """"ok", ``UNVERIFIED``, or why the entry is corrupt or incomplete (a load would rebuild it).
-    The check reads the files; their access times are put back, so listing is not a use."""
-    files = [p for path in paths for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()]
-    times = {}
-    for file in files:
-        try:
-            stat = file.stat()
-            times[file] = (stat.st_atime_ns, stat.st_mtime_ns)
-        except OSError:
-            pass
+    The check reads ``files``; their access times are put back, so listing is not a use."""
     _, reason = entry.check()
-    for file, (atime, mtime) in times.items():
+    for file, stat in files.items():
         try:
-            os.utime(file, ns=(atime, mtime))
+            os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
         except OSError:  # gone, or a read-only cache: last use then counts this check
             pass
     if reason is None:
@@ -98,21 +94,20 @@ def cache_items(root: Path) -> list[CacheItem]:
         kind = kind_dir.name if kind_dir.name in KINDS else "other"
         for path in sorted(kind_dir.iterdir()):
             if ".tmp" in path.name:
-                size, used = _usage([path])
+                size, used = _usage(_files([path]))
                 state = "leftover build" if now - used > LEFTOVER_AGE_S else "build in progress"
                 items.append(CacheItem(kind, path, size, used, state))
             elif kind == "llamacpp" and path.is_dir():
                 for gguf in sorted(path.glob("*.gguf")):
                     entry = CacheEntry(path, f"{gguf.stem}.json", (gguf.name,), "llama.cpp GGUF")
-                    size, used = _usage([gguf, path / entry.name])
-                    items.append(CacheItem(kind, gguf, size, used, _state(entry, [gguf, path / entry.name]), entry))
+                    files = _files([gguf, path / entry.name])
+                    items.append(CacheItem(kind, gguf, *_usage(files), _state(entry, files), entry))
             elif kind in ("checkpoints", "onnx", "mlc") and path.is_dir():
                 entry = CacheEntry(path, "done.json" if kind == "checkpoints" else MANIFEST)
-                size, used = _usage([path])
-                items.append(CacheItem(kind, path, size, used, _state(entry, [path]), entry))
+                files = _files([path])
+                items.append(CacheItem(kind, path, *_usage(files), _state(entry, files), entry))
             else:
-                size, used = _usage([path])
-                items.append(CacheItem(kind, path, size, used, "ok"))
+                items.append(CacheItem(kind, path, *_usage(_files([path])), "ok"))
     return items
 
 

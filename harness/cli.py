@@ -461,8 +461,6 @@ def command_status(args: argparse.Namespace) -> int:
 
 
 def command_cache(args: argparse.Namespace) -> int:
-    import datetime as dt_
-
     from rich.markup import escape
     from rich.table import Table
 
@@ -481,7 +479,7 @@ def command_cache(args: argparse.Namespace) -> int:
     for column in ("cache", "entry", "size", "last used", "state"):
         table.add_column(column, justify="right" if column == "size" else "left")
     for item in items:
-        used = dt_.datetime.fromtimestamp(item.last_used).strftime("%Y-%m-%d %H:%M") if item.last_used else "-"
+        used = dt.datetime.fromtimestamp(item.last_used).strftime("%Y-%m-%d %H:%M") if item.last_used else "-"
         table.add_row(item.kind, escape(str(item.path.relative_to(root))), human_bytes(item.bytes), used,
                       escape(item.state))
         if args.action == "prune" and not args.dry_run:

@@ -201,9 +201,8 @@ class Runner:
         its records and rewrites the tables. A worker that crashes or hangs before it has loaded
         the backend is tried ``LOAD_ATTEMPTS`` times; then every remaining cell is recorded as
         failed with the reason, instead of one crash (or one timeout) per cell."""
-        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         if job.skip_reason:
-            records = [self._record(job, c, "failed", now, error=f"unavailable: {job.skip_reason}") for c in job.cells]
+            records = self.fail_cells(job, job.cells, f"unavailable: {job.skip_reason}")
         else:
             records = []
             pending = list(job.cells)

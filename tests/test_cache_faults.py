@@ -77,6 +77,22 @@ def assert_hit(report, notes: list[str], result, first) -> None:
 
 
 # --- the converted checkpoint -----------------------------------------------------------------
+def first_build_in_own_cache(tmp_path_factory, module, name: str, variant: str, tiny_model):
+    """For a module-scoped fixture: ``module.cache_root`` pointed at a fresh folder, one load of
+    ``name:variant`` that builds the entry there (no rebuild notes), then ``(entry dir, outputs)``
+    yielded; skipped where the variant is unavailable."""
+    availability = variant_availability(name, variant)
+    if not availability.ok:
+        pytest.skip(availability.reason)
+    root = tmp_path_factory.mktemp(f"{name}-cache")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(module, "cache_root", lambda: root)
+    report, first, notes = load(name, variant, tiny_model)
+    assert report.preparation.cache_hit is False and notes == []
+    yield Path(report.preparation.artifact_dir), first
+    patch.undo()
+
+
 @pytest.fixture(scope="module")
 def own_checkpoints(tmp_path_factory, tiny_model):
     """A private cache root: the tiny checkpoint is built there (its tokenizer read from the shared
@@ -135,17 +151,9 @@ def test_checkpoint_from_before_manifests_is_adopted(own_checkpoints, tiny_model
 def onnx_first(tmp_path_factory, tiny_model):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("optimum.exporters.onnx")
-    if not variant_availability("onnx", "fp32").ok:
-        pytest.skip(variant_availability("onnx", "fp32").reason)
     from backends.onnx import artifacts
 
-    root = tmp_path_factory.mktemp("onnx-cache")
-    patch = pytest.MonkeyPatch()
-    patch.setattr(artifacts, "cache_root", lambda: root)
-    report, first, notes = load("onnx", "fp32", tiny_model)
-    assert report.preparation.cache_hit is False and notes == []
-    yield Path(report.preparation.artifact_dir), first
-    patch.undo()
+    yield from first_build_in_own_cache(tmp_path_factory, artifacts, "onnx", "fp32", tiny_model)
 
 
 @pytest.mark.parametrize("fault", FAULTS)
@@ -231,17 +239,9 @@ def test_mlc_entry_of_this_version_without_its_manifest_is_compiled_again(mlc_fi
 # --- llama.cpp --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gguf_first(tmp_path_factory, tiny_model):
-    if not variant_availability("llamacpp", "q8_0").ok:
-        pytest.skip(variant_availability("llamacpp", "q8_0").reason)
     from backends.llamacpp import gguf_files
 
-    root = tmp_path_factory.mktemp("gguf-cache")
-    patch = pytest.MonkeyPatch()
-    patch.setattr(gguf_files, "cache_root", lambda: root)
-    report, first, notes = load("llamacpp", "q8_0", tiny_model)
-    assert report.preparation.cache_hit is False and notes == []
-    yield Path(report.preparation.artifact_dir), first
-    patch.undo()
+    yield from first_build_in_own_cache(tmp_path_factory, gguf_files, "llamacpp", "q8_0", tiny_model)
 
 
 @pytest.mark.parametrize("fault", FAULTS)

@@ -3,7 +3,6 @@ locally, a node killed mid-sweep, and the one-line errors of each executor's bad
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
+from tests.results_files import ok_keys, records
 
 ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
 
@@ -27,19 +27,6 @@ axes:
   n_in: [8, 16, 24]
   hf.seed: [0, 1]
 """
-
-
-def records(out: Path) -> list[dict]:
-    path = out / "results.jsonl"
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
-
-
-def ok_keys(out: Path) -> set[str]:
-    latest = {r["cell_key"]: r["status"] for r in records(out)}
-    return {key for key, status in latest.items() if status == "ok"}
 
 
 @pytest.fixture

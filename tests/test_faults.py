@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from harness.cli import main
+from tests.results_files import records
 from reports.records import read_records
 from tests.fault_workloads import MARKER_ENV, PLAN_ENV
 from workloads import registry
@@ -45,11 +46,6 @@ def plan(behaviours: str) -> list[str]:
     the environment they inherit): the flags that make them."""
     os.environ[PLAN_ENV] = behaviours
     return ["--fault-cells", ",".join(str(i) for i in range(1, len(behaviours.split(",")) + 1))]
-
-
-def records(out: Path) -> list[dict]:
-    path = out / "results.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def workers_of(pid: int) -> list[psutil.Process]:

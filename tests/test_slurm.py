@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
+from tests.results_files import ok_keys, records
 
 pytest.importorskip("submitit", reason="the [slurm] extra is not installed")
 
@@ -32,20 +33,26 @@ axes:
 """
 
 
-def records(out: Path) -> list[dict]:
-    path = out / "results.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def ok_keys(out: Path) -> set[str]:
-    latest = {r["cell_key"]: r["status"] for r in records(out)}
-    return {key for key, status in latest.items() if status == "ok"}
-
-
 def write_sweep(tmp_path: Path, text: str = SWEEP) -> Path:
     path = tmp_path / "sweep.yaml"
     path.write_text(text)
     return path
+
+
+def stop_a_job_once_it_wrote_a_cell(out: Path, thread: threading.Thread, stop) -> str | None:
+    """While the run in ``thread`` goes on: as soon as one of its Slurm jobs has written a cell (it
+    is then running its next one), ``stop(job)`` it (its ``OUT/slurm/jobs.json`` entry); returns
+    that job's label, or None if the run ended first or 300 s passed."""
+    index = out / "slurm" / "jobs.json"
+    deadline = time.monotonic() + 300
+    while thread.is_alive() and time.monotonic() < deadline:
+        done = {r["label"] for r in records(out)}
+        if index.exists() and done:
+            job = next(j for j in json.loads(index.read_text()) if j["label"] in done)
+            stop(job)
+            return job["label"]
+        time.sleep(0.05)
+    return None
 
 
 def test_slurm_jobs_via_submitit_give_the_same_ok_cells_as_local_and_status_lists_them(tmp_path, data_dir, capsys):
@@ -73,16 +80,8 @@ def test_a_slurm_job_killed_mid_run_costs_its_unwritten_cells_and_the_other_job_
     thread = threading.Thread(target=lambda: codes.append(
         main(["sweep", str(path), "--out", str(out), "--executor", "slurm", "--slurm-local"])))
     thread.start()
-    index = out / "slurm" / "jobs.json"
-    killed = None
-    deadline = time.monotonic() + 300
-    while killed is None and thread.is_alive() and time.monotonic() < deadline:
-        done = {r["label"] for r in records(out)}
-        if index.exists() and done:  # a job has written a cell: kill it (a local job's id is its pid)
-            job = next(j for j in json.loads(index.read_text()) if j["label"] in done)
-            os.kill(int(job["job_id"]), signal.SIGKILL)
-            killed = job["label"]
-        time.sleep(0.05)
+    # a local job's id is its pid
+    killed = stop_a_job_once_it_wrote_a_cell(out, thread, lambda job: os.kill(int(job["job_id"]), signal.SIGKILL))
     thread.join(timeout=600)
     assert killed is not None and codes == [1]
     got = records(out)
@@ -178,16 +177,8 @@ def test_a_cancelled_slurm_job_costs_its_unwritten_cells_with_the_state_and_resu
     codes: list[int] = []
     thread = threading.Thread(target=lambda: codes.append(main(args)))
     thread.start()
-    index = out / "slurm" / "jobs.json"
-    cancelled = None
-    deadline = time.monotonic() + 300
-    while cancelled is None and thread.is_alive() and time.monotonic() < deadline:
-        done = {r["label"] for r in records(out)}
-        if index.exists() and done:  # a job has written a cell and runs the next: scancel it
-            job = next(j for j in json.loads(index.read_text()) if j["label"] in done)
-            subprocess.run(["scancel", job["job_id"]], check=True, timeout=30)
-            cancelled = job["label"]
-        time.sleep(0.05)
+    cancelled = stop_a_job_once_it_wrote_a_cell(
+        out, thread, lambda job: subprocess.run(["scancel", job["job_id"]], check=True, timeout=30))
     thread.join(timeout=600)
     assert cancelled is not None and codes == [1]
     failed = [r for r in records(out) if r["status"] == "failed"]
