@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import numpy as np
 
 from backends.artifact_cache import CacheEntry, collect_rebuilds, note_rebuild
-from backends.models import ModelError, ModelSpec, checkpoint_dir, prepare_seconds
+from backends.models import ModelError, ModelSpec, checkpoint_dir, checkpoint_facts, prepare_seconds
 from backends.options import BackendOptions, OptionError, parse_options
 from backends.scoring import CompactLogprobs, compact_topk, target_logprobs, topk_agreement
 from backends.tokens import SpecialTokens, check_prompts
@@ -72,10 +72,14 @@ class Preparation:
 
     Attributes:
         checkpoint_s: the shared checkpoint conversion (GGUF -> transformers, random init).
+        checkpoint_peak_bytes: the peak resident memory that conversion added (bytes).
         export_s: graph export (ONNX). quantize_s: offline weight quantization (ONNX).
         convert_s: weight conversion / quantization into the engine's layout (TVM).
         compile_s: compilation (TVM).
         artifact_bytes: bytes of the cached artifact on disk. artifact_dir: where it is.
+        peak_rss_bytes: peak resident memory a preparation step added (bytes,
+            ``backends.memory.StepPeak``), the largest step; None when not measured. Measured when
+            the artifact was built and reported on cache hits too, like the seconds.
         cache_hit: the artifact was found complete and sound in the cache (its manifest check
             passed: ``backends.artifact_cache``); False when it was built, or rebuilt, by this
             load (``LoadReport.details["cache_rebuilt"]`` then says why); None: nothing beyond
@@ -84,11 +88,13 @@ class Preparation:
     """
 
     checkpoint_s: float | None = None
+    checkpoint_peak_bytes: int | None = None
     export_s: float | None = None
     quantize_s: float | None = None
     convert_s: float | None = None
     compile_s: float | None = None
     artifact_bytes: int | None = None
+    peak_rss_bytes: int | None = None
     artifact_dir: str | None = None
     cache_hit: bool | None = None
     wall_s: float = 0.0
@@ -362,6 +368,7 @@ class Backend(abc.ABC):
         self._prepared_s = 0.0
         preparation = self.prepare(model, directory)
         preparation.checkpoint_s = prepare_seconds(directory)
+        preparation.checkpoint_peak_bytes = checkpoint_facts(directory).get("peak_rss_bytes")
         preparation.wall_s = self._prepared_s = time.perf_counter() - started
         self.special = SpecialTokens.from_checkpoint(directory)
         self.spec = model

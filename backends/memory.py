@@ -245,3 +245,79 @@ class PeakMemorySampler:
         if self._peak_nvml is not None:
             out["peak_nvml_process"] = self._peak_nvml
         return out
+
+
+def _read_hwm() -> int | None:
+    """``VmHWM`` of this process in bytes (the kernel's peak resident set), None without procfs."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_hwm() -> bool:
+    """Reset the kernel's peak-RSS mark to the current RSS (``echo 5 > /proc/self/clear_refs``,
+    Linux >= 4.0, proc(5)); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+_OPEN_STEPS: list["StepPeak"] = []  # nested steps: an inner reset of the mark must not hide an outer peak
+
+
+class StepPeak:
+    """Peak resident memory of one step of work in this process (bytes), e.g. a conversion.
+
+    On Linux the kernel's own high-water mark is reset at the start (``/proc/self/clear_refs``)
+    and read at the end (``VmHWM``), so no allocation between samples is missed; elsewhere a
+    ``PeakMemorySampler`` thread samples RSS. Heap is trimmed first so the start is what is live.
+
+    Attributes (after the ``with`` block):
+        start_bytes: RSS at the start. peak_bytes: the peak RSS during the step.
+        growth_bytes: ``peak_bytes - start_bytes``: the memory the step itself needed.
+        method: ``"VmHWM"`` or ``"sampled"``.
+    """
+
+    def __init__(self):
+        self.start_bytes = self.peak_bytes = self.growth_bytes = 0
+        self.method = ""
+        self._sampler: PeakMemorySampler | None = None
+        self._inner_peak = 0
+
+    def __enter__(self) -> "StepPeak":
+        malloc_trim()
+        self.start_bytes = rss_bytes()
+        for outer in _OPEN_STEPS:  # what the outer steps reached so far, before the mark is reset
+            outer._inner_peak = max(outer._inner_peak, _read_hwm() or 0)
+        _OPEN_STEPS.append(self)
+        if _reset_hwm() and _read_hwm() is not None:
+            self.method = "VmHWM"
+        else:
+            self.method = "sampled"
+            self._sampler = PeakMemorySampler()
+            self._sampler.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._sampler is not None:
+            self._sampler.__exit__(*exc)
+            self.peak_bytes = max(self._sampler.result()["peak_rss"], rss_bytes())
+        else:
+            self.peak_bytes = max(_read_hwm() or 0, rss_bytes())
+        self.peak_bytes = max(self.peak_bytes, self._inner_peak)
+        self.growth_bytes = max(0, self.peak_bytes - self.start_bytes)
+        if self in _OPEN_STEPS:
+            _OPEN_STEPS.remove(self)
+        for outer in _OPEN_STEPS:
+            outer._inner_peak = max(outer._inner_peak, self.peak_bytes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"peak_rss_bytes": self.peak_bytes, "growth_bytes": self.growth_bytes, "method": self.method}

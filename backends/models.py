@@ -228,8 +228,11 @@ def checkpoint_dir(spec: ModelSpec) -> Path:
                 f"model {spec.name}: cannot fetch {spec.location} from the Hub "
                 f"({type(exc).__name__}); use --random-weights for speed/memory runs"
             ) from None
-    key_source = spec.location if spec.source == "random" else file_identity(spec.location)
-    key = _fingerprint(spec.source, key_source, transformers.__version__, str(RANDOM_SEED))
+    if spec.source == "random":
+        key_parts = (spec.location, transformers.__version__, str(RANDOM_SEED), str(RANDOM_BUILDER))
+    else:
+        key_parts = (file_identity(spec.location), transformers.__version__, str(RANDOM_SEED))
+    key = _fingerprint(spec.source, *key_parts)
     target = cache_root() / "checkpoints" / f"{Path(spec.name).name}-{spec.source}-{key}"
     entry = checkpoint_entry(target)
     if entry.check_or_discard(legacy=_legacy_done) is not None:
@@ -240,13 +243,13 @@ def checkpoint_dir(spec: ModelSpec) -> Path:
     started = time.perf_counter()
     try:
         if spec.source == "gguf":
-            _convert_gguf(Path(spec.location), staging)
+            facts = _convert_gguf(Path(spec.location), staging)
         else:
-            _build_random(Path(spec.location), staging)
+            facts = build_random_checkpoint(Path(spec.location), staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    publish_dir(staging, entry, {"prepare_s": time.perf_counter() - started, "spec": spec.to_dict()})
+    publish_dir(staging, entry, {"prepare_s": time.perf_counter() - started, **facts, "spec": spec.to_dict()})
     return target
 
 
@@ -268,35 +271,147 @@ def _legacy_done(old: dict[str, Any] | None) -> dict[str, Any] | None:
     return old if old is not None and "prepare_s" in old else None
 
 
-def _convert_gguf(gguf: Path, target: Path) -> None:
+def _convert_gguf(gguf: Path, target: Path) -> dict[str, Any]:
+    """Dequantize the embedded GGUF into an fp32 transformers checkpoint (135M: whole model in
+    memory, 0.5 GB); returns ``{"peak_rss_bytes": ...}``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model.save_pretrained(target)
-    tokenizer.save_pretrained(target)
+    from backends.memory import StepPeak
+
+    with StepPeak() as peak:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+        del model
+    return {"peak_rss_bytes": peak.growth_bytes}
 
 
-def _build_random(config_path: Path, target: Path) -> None:
+RANDOM_BUILDER = 2  # how random weights are drawn (part of the checkpoint key): 2 = streamed
+SHARD_BYTES = 5 * 10**9  # per safetensors shard, transformers' save_pretrained default ("5GB")
+_DRAW_ELEMENTS = 1 << 22  # values drawn and written at a time: 16 MiB of float32
+
+
+def random_tensor_specs(config) -> list[tuple[str, tuple[int, ...]]]:
+    """``[(name, shape)]`` of the parameters a transformers model of ``config`` saves, in module
+    order, tied parameters once (as ``save_pretrained`` writes them). The model is built on the
+    meta device, so nothing is allocated.
+
+    Raises:
+        ModelError: the model has persistent buffers (they would need their own initialisation).
+    """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    # Saved to disk and then loaded like any checkpoint, as optimum-benchmark's "no_weights" mode
-    # does, so quantizing backends (bitsandbytes, ONNX, TVM) take the same path as for real weights.
-    # Stored in the config's own dtype (bf16 for Llama-3-8B: 16 GB rather than 32 GB in fp32).
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    saved = set(model.state_dict())
+    persistent = [name for name, _ in model.named_buffers() if name in saved]
+    if persistent:
+        raise ModelError(f"random weights: {type(model).__name__} has persistent buffers {persistent[:3]}")
+    return [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+
+
+def _draw(name: str, shape: tuple[int, ...], std: float, stored: str):
+    """The values of one random tensor, in row chunks of at most ``_DRAW_ELEMENTS`` values, as the
+    stored dtype (``F32``, ``F16``, or ``BF16`` bit patterns). Initialised as transformers'
+    ``_init_weights`` does for Llama: matrices ~ N(0, initializer_range), norm weights 1, other
+    vectors 0. Each tensor has its own seeded stream (seed, crc32 of its name), so a tensor's
+    values do not depend on which others exist."""
+    import zlib
+
+    import numpy as np
+
+    from backends.safetensors_io import f32_to_bf16
+
+    def cast(values):
+        if stored == "BF16":
+            return f32_to_bf16(values)
+        return values.astype(np.float16) if stored == "F16" else values
+
+    if len(shape) == 1:
+        yield cast(np.full(shape, 1.0 if "norm" in name else 0.0, np.float32))
+        return
+    rng = np.random.default_rng([RANDOM_SEED, zlib.crc32(name.encode())])
+    row = int(np.prod(shape[1:]))
+    rows_per_chunk = max(1, _DRAW_ELEMENTS // row)
+    for start in range(0, shape[0], rows_per_chunk):
+        rows = min(rows_per_chunk, shape[0] - start)
+        values = rng.standard_normal((rows, *shape[1:]), dtype=np.float32)
+        values *= np.float32(std)
+        yield cast(values)
+
+
+def build_random_checkpoint(config_path: Path, target: Path) -> dict[str, Any]:
+    """Write seeded random weights for the architecture in ``config_path`` to ``target`` as a
+    transformers checkpoint, streamed: one chunk of one tensor in memory at a time, written in the
+    config's own dtype (bf16 for Llama-3-8B: 16 GB, never 32 GB in fp32), in shards of at most
+    ``SHARD_BYTES`` with ``model.safetensors.index.json`` when there are several.
+
+    Saved to disk and then loaded like any checkpoint, as optimum-benchmark's "no_weights" mode
+    does, so quantizing backends (bitsandbytes, ONNX, TVM, llama.cpp) take the same path as for
+    real weights. Returns ``{"peak_rss_bytes": ...}``: the memory the build added at its peak.
+    """
+    import math
+
+    import numpy as np
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from backends.memory import StepPeak
+    from backends.safetensors_io import DTYPE_NAMES, STORED, SafetensorsWriter
+
     config = AutoConfig.from_pretrained(config_path)
-    torch.manual_seed(RANDOM_SEED)
-    dtype = getattr(torch, str(getattr(config, "torch_dtype", None) or "float32").replace("torch.", ""))
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.save_pretrained(target)
-    AutoTokenizer.from_pretrained(stand_in_tokenizer_dir()).save_pretrained(target)
+    dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    stored = DTYPE_NAMES.get(dtype.replace("torch.", ""))
+    if stored is None:
+        raise ModelError(f"random weights: config dtype {dtype} is not a float type")
+    std = float(getattr(config, "initializer_range", 0.02))
+    tokenizer = AutoTokenizer.from_pretrained(stand_in_tokenizer_dir())  # may convert the embedded model
+    with StepPeak() as peak:
+        specs = random_tensor_specs(config)
+        itemsize = np.dtype(STORED[stored]).itemsize
+        shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+        size = 0
+        for name, shape in specs:
+            nbytes = itemsize * math.prod(shape)
+            if shards[-1] and size + nbytes > SHARD_BYTES:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, shape))
+            size += nbytes
+        files = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        weight_map, total = {}, 0
+        for file, shard in zip(files, shards):
+            with SafetensorsWriter(target / file, [(n, stored, s) for n, s in shard]) as writer:
+                for name, shape in shard:
+                    writer.write_chunks(name, _draw(name, shape, std, stored))
+                    weight_map[name] = file
+                    total += itemsize * math.prod(shape)
+        if len(files) > 1:
+            (target / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        config.save_pretrained(target)
+        GenerationConfig.from_model_config(config).save_pretrained(target)
+        tokenizer.save_pretrained(target)
+    return {"peak_rss_bytes": peak.growth_bytes}
+
+
+def checkpoint_facts(directory: Path) -> dict[str, Any]:
+    """What the one-time conversion of a cached checkpoint recorded (``prepare_s``,
+    ``peak_rss_bytes`` where measured); empty for checkpoints that are not ours."""
+    done = directory / DONE
+    try:
+        facts = json.loads(done.read_text()) if done.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return facts if isinstance(facts, dict) else {}
 
 
 def prepare_seconds(directory: Path) -> float | None:
     """Seconds the one-time conversion of a cached checkpoint took, if it was ours."""
-    done = directory / DONE
-    return json.loads(done.read_text())["prepare_s"] if done.is_file() else None
+    return checkpoint_facts(directory).get("prepare_s")
 
 
 def load_tokenizer(spec: ModelSpec):

@@ -21,8 +21,9 @@ import hashlib
 import json
 import shutil
 import time
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -105,28 +106,67 @@ def usable(directory: Path) -> bool:
     return manifest is not None
 
 
+def write_params(path: Path, params: Iterable[tuple[str, np.ndarray]]) -> list[str]:
+    """Write ``params`` to an ``.npz`` one array at a time (the layout ``np.savez`` writes:
+    uncompressed zip64 members ``<name>.npy``), so only the array being written is in memory;
+    returns the names in order."""
+    names = []
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, value in params:
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+            names.append(name)
+    return names
+
+
+class Staging:
+    """A cache entry being built: files go into ``path`` (a temporary directory beside the entry);
+    ``meta`` is written as ``meta.json`` when the block ends without error, then the manifest
+    (last) and the rename (``publish_dir``). On an error the directory is removed."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.path = self.directory.with_name(self.directory.name + f".tmp{time.time_ns()}")
+        self.meta: dict[str, Any] = {}
+
+    def __enter__(self) -> "Staging":
+        self.path.mkdir(parents=True)
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        try:
+            (self.path / "meta.json").write_text(json.dumps({**self.meta, "manifest": True}, indent=1))
+        except BaseException:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
+        publish_dir(self.path, cache_entry(self.directory))
+
+
 def save(directory: Path, executable, params: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-    """Write an entry atomically (temporary directory, manifest last, then rename)."""
-    tmp = directory.with_name(directory.name + f".tmp{time.time_ns()}")
-    tmp.mkdir(parents=True)
-    try:
-        executable.export_library(str(tmp / "lib.so"))
-        np.savez(tmp / "params.npz", **params)
-        (tmp / "meta.json").write_text(json.dumps({**meta, "names": list(params), "manifest": True}, indent=1))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    publish_dir(tmp, cache_entry(directory))
+    """Write an entry atomically from an executable and parameters in memory (temporary
+    directory, manifest last, then rename)."""
+    with Staging(directory) as build:
+        executable.export_library(str(build.path / "lib.so"))
+        build.meta = {**meta, "names": write_params(build.path / "params.npz", params.items())}
 
 
 def load(directory: Path):
-    """``(library module, [params in export order], meta)`` of a complete entry."""
+    """``(library module, params in export order, meta)`` of a complete entry; ``params`` is an
+    iterator reading one array at a time, so the caller can move each to the device before the
+    next is read."""
     import tvm
 
     meta = json.loads((directory / "meta.json").read_text())
-    with np.load(directory / "params.npz") as npz:
-        params = [npz[name] for name in meta["names"]]
-    return tvm.runtime.load_module(str(directory / "lib.so")), params, meta
+
+    def params():
+        with np.load(directory / "params.npz") as npz:
+            for name in meta["names"]:
+                yield npz[name]
+
+    return tvm.runtime.load_module(str(directory / "lib.so")), params(), meta
 
 
 def sizes(directory: Path) -> dict[str, int]:

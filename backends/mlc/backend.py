@@ -141,9 +141,10 @@ class MLCBackend(Backend):
                 raise BackendError(f"{self.label}: device=cuda but TVM sees no CUDA device")
         # TVM sizes its thread pool once per process, at its first parallel call
         os.environ["TVM_NUM_THREADS"] = str(self.threads)
+        from backends.memory import StepPeak
         from backends.mlc import artifacts
         from backends.mlc.compile import compile_module, make_target, target_key
-        from backends.mlc.convert import convert, read_checkpoint
+        from backends.mlc.convert import iter_params
         from backends.mlc.model import build_model, export_spec
 
         self.cfg = cfg = self._config(directory)
@@ -164,22 +165,29 @@ class MLCBackend(Backend):
             with target:
                 module = build_model(cfg, self.mode, dtype, embed_mode, tile_width)
                 mod, named = module.export_tvm(export_spec(dtype))
-            t0 = time.perf_counter()
-            params = convert(read_checkpoint(directory), cfg, self.mode, dtype, [n for n, _ in named],
-                             embed_mode, tile_width)
-            convert_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            executable = compile_module(mod, target, self.mode.quantized, fast_attention)
-            compile_s = time.perf_counter() - t0
-            artifacts.save(entry, executable, params, {
-                "convert_s": convert_s, "compile_s": compile_s, "tvm": tvm.__version__,
-                "target": str(target), "mode": self.variant, "dtype": dtype})
+            with artifacts.Staging(entry) as build:
+                t0 = time.perf_counter()
+                with StepPeak() as compile_peak:
+                    executable = compile_module(mod, target, self.mode.quantized, fast_attention)
+                    executable.export_library(str(build.path / "lib.so"))
+                    del executable
+                compile_s = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                with StepPeak() as convert_peak:  # streamed: one tensor at a time (convert.py)
+                    names = artifacts.write_params(build.path / "params.npz", iter_params(
+                        directory, cfg, self.mode, dtype, [n for n, _ in named], embed_mode, tile_width))
+                build.meta = {"convert_s": time.perf_counter() - t0, "compile_s": compile_s,
+                              "convert_peak_bytes": convert_peak.growth_bytes,
+                              "compile_peak_bytes": compile_peak.growth_bytes, "names": names,
+                              "tvm": tvm.__version__, "target": str(target), "mode": self.variant, "dtype": dtype}
         meta = json.loads((entry / "meta.json").read_text())
         sizes = artifacts.sizes(entry)
         self._entry = entry
         self._info = {"target": str(target), "target_key": target_key(target), "artifact_dir": str(entry)}
+        peaks = [meta[k] for k in ("convert_peak_bytes", "compile_peak_bytes") if meta.get(k) is not None]
         return Preparation(convert_s=meta["convert_s"], compile_s=meta["compile_s"],
-                           artifact_bytes=sum(sizes.values()), artifact_dir=str(entry), cache_hit=cached)
+                           artifact_bytes=sum(sizes.values()), peak_rss_bytes=max(peaks, default=None),
+                           artifact_dir=str(entry), cache_hit=cached)
 
     def _load(self, model: ModelSpec, directory: Path) -> LoadedModel:
         from backends.mlc import artifacts
@@ -190,7 +198,7 @@ class MLCBackend(Backend):
         itemsize = np.dtype(self.compute_dtype).itemsize
         kv_per_token = kv_bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, itemsize)
         self.session = Session(library, params, self.device, self.kv_options, kv_per_token)
-        return LoadedModel(int(sum(p.nbytes for p in params)), artifacts.sizes(self._entry))
+        return LoadedModel(self.session.param_bytes, artifacts.sizes(self._entry))
 
     # --- contract ---------------------------------------------------------------------------
     def _generate(self, request: GenerationRequest) -> GenerationOutput:

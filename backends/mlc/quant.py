@@ -104,8 +104,14 @@ MODES: dict[str, QuantMode] = {
 }
 
 
+QUANTIZE_ROWS = 2048  # weight rows quantized at a time: bounds the float32 temporaries
+
+
 def quantize(weight: np.ndarray, mode: QuantMode) -> tuple[np.ndarray, np.ndarray]:
     """Group-quantize and pack a torch-layout weight.
+
+    Rows are independent (groups run along K), so they are quantized ``QUANTIZE_ROWS`` at a time:
+    the temporaries stay a few MB whatever the weight's size (Llama-3-8B's 128256-row embedding).
 
     Args:
         weight: float array ``[N, K]`` (out features, in features).
@@ -120,12 +126,24 @@ def quantize(weight: np.ndarray, mode: QuantMode) -> tuple[np.ndarray, np.ndarra
     if weight.ndim != 2 or not mode.quantized:
         raise ValueError(f"quantize needs a 2-D weight and a quantized mode, got {weight.shape}, {mode.name}")
     n, k = weight.shape
-    w = np.asarray(weight, dtype=np.float32).T  # [K, N]
+    (packed_shape, scale_shape) = mode.packed_shape(k, n)
+    packed = np.empty(packed_shape, np.uint32)
+    scale = np.empty(scale_shape, mode.scale_dtype)
+    for start in range(0, n, QUANTIZE_ROWS):
+        stop = min(n, start + QUANTIZE_ROWS)
+        packed[:, start:stop], scale[:, start:stop] = _quantize_rows(weight[start:stop], mode)
+    return packed, scale
+
+
+def _quantize_rows(weight: np.ndarray, mode: QuantMode) -> tuple[np.ndarray, np.ndarray]:
+    """``quantize`` of a block of rows ``[n, K]`` -> ``(packed [words, n], scale [groups, n])``."""
+    n, k = weight.shape
+    w = np.asarray(weight, dtype=np.float32).T  # [K, n]
     groups = -(-k // mode.group_size)
     wg = np.zeros((groups * mode.group_size, n), np.float32)
     wg[:k] = w
     wg = wg.reshape(groups, mode.group_size, n)
-    scale = (np.abs(wg).max(axis=1) / mode.max_int).astype(mode.scale_dtype)  # [groups, N]
+    scale = (np.abs(wg).max(axis=1) / mode.max_int).astype(mode.scale_dtype)  # [groups, n]
     scale_f = scale.astype(np.float32)
     safe = np.where(scale_f == 0, 1.0, scale_f)[:, None, :]
     q = np.clip(np.round(wg / safe) + mode.max_int, 0, 2 * mode.max_int).astype(np.uint32)

@@ -9,7 +9,7 @@ sequences' pages.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -49,12 +49,14 @@ class Session:
 
     Args:
         library: the loaded ``tvm.runtime.Module`` (VM executable library).
-        params: parameters in the order of the export (numpy arrays).
+        params: parameters in the order of the export (numpy arrays; any iterable: each is copied
+            to the device as it comes, so an iterator that reads one at a time keeps host memory
+            to one parameter beyond what the device holds).
         device: ``"cpu"`` or ``"cuda"``.
         kv_bytes_per_token: KV bytes per token over all layers (K and V), for cache accounting.
     """
 
-    def __init__(self, library, params: Sequence[np.ndarray], device: str, kv: KVOptions,
+    def __init__(self, library, params: Iterable[np.ndarray], device: str, kv: KVOptions,
                  kv_bytes_per_token: int):
         import tvm
         from tvm.runtime.vm import VirtualMachine  # = relax.VirtualMachine; also in runtime-only TVM
@@ -62,6 +64,7 @@ class Session:
         self.dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
         self.vm = VirtualMachine(library, self.dev)
         self.params = [tvm.runtime.tensor(p, self.dev) for p in params]
+        self.param_bytes = sum(int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize for p in self.params)
         self.kv_options = kv
         self.kv_bytes_per_token = kv_bytes_per_token
         self._cache = None
