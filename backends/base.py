@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
@@ -34,6 +34,9 @@ from backends.models import ModelError, ModelSpec, checkpoint_dir, checkpoint_fa
 from backends.options import BackendOptions, OptionError, parse_options
 from backends.scoring import CompactLogprobs, compact_topk, target_logprobs, topk_agreement
 from backends.tokens import SpecialTokens, check_prompts
+
+if TYPE_CHECKING:
+    from backends.footprint import MemoryEstimate, ModelShape
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -523,6 +526,32 @@ class Backend(abc.ABC):
         is the distribution of the token at position ``window.first_scored + j`` given the tokens
         before it (the logits at positions ``first_scored - 1 .. n - 2``). ``vocab`` is the
         model's output width (it may exceed the tokenizer's)."""
+
+    # --- the pre-flight memory estimate (backends.footprint) -----------------------------------
+    def weight_bytes_estimate(self, shape: "ModelShape") -> int:
+        """Bytes the variant's weights take once loaded (``backends.footprint``); the default is
+        every parameter in float32. Backends with other storage override it."""
+        return shape.weight_bytes(linear=4, embed=4)
+
+    def kv_element_bytes(self) -> float:
+        """Bytes per cached K or V element (the default: float32)."""
+        return 4.0
+
+    def preparation_bytes_estimate(self, shape: "ModelShape") -> int:
+        """Host memory a cold-cache preparation needs beyond the process: streamed conversions hold
+        one float32 matrix and a working set (``tests/test_streaming_prep.py`` checks the bound)."""
+        from backends.footprint import WORKING_SET_BYTES
+
+        return shape.largest_matrix_params * 4 + WORKING_SET_BYTES
+
+    def estimate_memory(self, shape: "ModelShape", tokens: int, batch: int) -> "MemoryEstimate":
+        """What this variant needs to run ``batch`` sequences of ``tokens`` tokens (bytes, host and
+        device apart: ``backends.footprint.MemoryEstimate.build``)."""
+        from backends.footprint import MemoryEstimate
+
+        return MemoryEstimate.build(getattr(self, "device", None) or "cpu", self.weight_bytes_estimate(shape),
+                                    shape.kv_bytes(tokens, batch, self.kv_element_bytes()),
+                                    shape.working_bytes(tokens, batch), self.preparation_bytes_estimate(shape))
 
     # --- description ------------------------------------------------------------------------------
     def memory(self) -> dict[str, int]:

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="NAME.KEY=VALUE for one backend (mlc.sliding_window=1024), KEY=VALUE for every "
                           "chosen backend that has KEY (threads=2); see list --options NAME")
     run.add_argument("--timeout", type=positive_int, default=3600, help="seconds per cell (default 3600)")
+    run.add_argument("--no-memory-check", dest="memory_check", action="store_false",
+                     help="load every variant even when its memory estimate exceeds what is available "
+                          "(by default such a variant is skipped, with the estimate, before it loads)")
     executors.add_arguments(run)
     run.add_argument("--baseline", metavar="LABEL",
                      help="the NAME:VARIANT the others are compared with (KL divergence, top-1 and greedy-token "
@@ -87,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "default: the file's top level (the CPU scale)")
     sweep.add_argument("--dry-run", action="store_true", help="print the cells and their count, run nothing")
     sweep.add_argument("--timeout", type=positive_int, default=3600, help="seconds per cell (default 3600)")
+    sweep.add_argument("--no-memory-check", dest="memory_check", action="store_false",
+                       help="load every variant even when its memory estimate exceeds what is available "
+                            "(by default such a variant is skipped, with the estimate, before it loads)")
     executors.add_arguments(sweep)
     listing = sub.add_parser("list", help="backends (with availability), models, workloads")
     listing.add_argument("--options", metavar="BACKEND", choices=list(REGISTRY),
@@ -188,13 +194,15 @@ def stop_on_sigterm():
 
 
 def execute(spec, jobs, out: Path, run_id: str, timeout: int, previous: list[dict[str, Any]] = (),
-            baseline: str | None = None, baseline_note: str | None = None, executor=None) -> int:
+            baseline: str | None = None, baseline_note: str | None = None, executor=None,
+            memory_check: bool = True) -> int:
     """Run ``jobs`` into ``out`` (claimed by the caller: ``harness.run_folder.claimed``) through
     ``executor`` (``harness.executors``; default local) with progress bars, then print the summary
     and write the report over ``previous`` records and the new ones. ``baseline``: the label the
     others are compared with (its job first), or None with ``baseline_note`` saying why. The report
     is re-rendered after each backend variant. SIGINT / SIGTERM stop the current cell, keep every
-    finished record, write the report and return 130 / 143. Returns the exit code (1 if a new
+    finished record, write the report and return 130 / 143. ``memory_check``: skip a variant whose
+    memory estimate does not fit (``harness.worker.preflight``). Returns the exit code (1 if a new
     cell failed)."""
     from rich.markup import escape
 
@@ -217,7 +225,8 @@ def execute(spec, jobs, out: Path, run_id: str, timeout: int, previous: list[dic
 
     stopped: str | None = None
     with make_progress() as progress:
-        runner = Runner(RunConfig(run_id, spec, results_path, out / "logs", timeout, baseline, baseline_note),
+        runner = Runner(RunConfig(run_id, spec, results_path, out / "logs", timeout, baseline, baseline_note,
+                                  memory_check=memory_check),
                         ProgressObserver(progress), on_job_finished=report)
         try:
             with stop_on_sigterm():
@@ -284,7 +293,7 @@ def command_run(args: argparse.Namespace) -> int:
     executor = executors.make_executor(args, out)
     with claimed(out):
         return execute(spec, jobs, out, run_id, args.timeout, baseline=baseline, baseline_note=note,
-                       executor=executor)
+                       executor=executor, memory_check=args.memory_check)
 
 
 def command_sweep(args: argparse.Namespace) -> int:
@@ -333,7 +342,8 @@ def command_sweep(args: argparse.Namespace) -> int:
         if not jobs:
             console.print(f"all {total} cells of {args.file} already have ok records in {results_path}")
             return 0
-        return execute(spec, jobs, out, run_id, args.timeout, previous, baseline, note, executor)
+        return execute(spec, jobs, out, run_id, args.timeout, previous, baseline, note, executor,
+                       memory_check=args.memory_check)
 
 
 def _not_done(jobs, previous: list[dict[str, Any]], spec):

@@ -61,6 +61,7 @@ class RunConfig:
     baseline_note: str | None = None  # why there is none
     tables: bool = True  # rewrite results.csv / .sqlite after each job (not on a Slurm node: the driver does)
     out_dir: Path | None = None  # the run's folder (baseline distributions); default: the results file's
+    memory_check: bool = True  # skip a variant whose estimate does not fit (harness.worker.preflight)
 
     @property
     def run_dir(self) -> Path:
@@ -226,6 +227,7 @@ class Runner:
         """What a worker needs to run ``cells`` of ``job`` (JSON-serialisable)."""
         return {"backend": job.backend, "variant": job.variant, "options": job.options,
                 "model": self.config.model.to_dict(), "cells": [c.__dict__ for c in cells],
+                "memory_check": self.config.memory_check,
                 "comparison": Comparison(self.config.baseline, job.label == self.config.baseline,
                                          str(self.config.run_dir), self.config.baseline_note).to_dict()}
 

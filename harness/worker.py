@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 
@@ -34,6 +35,33 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+def preflight(backend, spec, cells: list[dict[str, Any]]) -> tuple[str | None, dict[str, Any]]:
+    """The pre-flight memory check (``backends.footprint``) of ``backend`` over ``cells``:
+    ``(reason it does not fit or None, the estimate as a dict)``. Sized for the largest sequence
+    and the largest batch any cell asks for. A model whose config the estimate cannot read is not
+    checked (the dict then says why)."""
+    from backends.footprint import ModelShape, available_memory, does_not_fit
+    from backends.models import checkpoint_dir
+    from workloads.registry import load_workload
+
+    tokens, batch = 1, 1
+    for cell in cells:
+        workload_cls = load_workload(cell["workload_path"])
+        cell_tokens, cell_batch = workload_cls(workload_cls.Params.from_dict(cell["params"])).sequence_footprint()
+        tokens, batch = max(tokens, cell_tokens), max(batch, cell_batch)
+    try:  # a random-weight model's config is read where it is: nothing is built for a skipped variant
+        config = Path(spec.location) if spec.random_weights else checkpoint_dir(spec) / "config.json"
+        shape = ModelShape.from_config(config)
+    except (KeyError, OSError, ValueError) as exc:
+        return None, {"skipped": f"config not readable for an estimate: {one_line(exc)}"}
+    estimate = backend.estimate_memory(shape, tokens, batch)
+    host, device = available_memory(estimate.device)
+    facts = {**estimate.to_dict(), "tokens": tokens, "batch": batch, "host_available_bytes": host}
+    if device is not None:
+        facts["device_available_bytes"] = device
+    return does_not_fit(estimate, host, device), facts
+
+
 def main() -> int:
     events = _event_stream()
 
@@ -51,7 +79,13 @@ def main() -> int:
     spec = ModelSpec.from_dict(job["model"])
     try:
         backend = backend_class(job["backend"])(job["variant"], job["options"])
+        reason, estimate = preflight(backend, spec, job["cells"]) if job.get("memory_check", True) else (None, {})
+        if reason is not None:
+            emit("load_failed", error=f"skipped before loading: {reason} (--no-memory-check runs it anyway)")
+            return 0
         load = backend.load(spec)
+        if estimate:
+            load.details["memory_estimate"] = estimate
         tokenizer = load_tokenizer(spec)
         info = backend.info()
     except Exception as exc:  # one backend failing to load must not lose the others' results

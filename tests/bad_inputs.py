@@ -16,6 +16,7 @@ CASES: list[tuple[str, list[str], str | None, str]] = [
     ("--backends unknown variant", ["run", "--backends", "hf:fp5", "--out", "OUT"], None, 'unknown variant hf:fp5; choose from hf:fp32, hf:bf16, hf:fp16'),
     ("--model unknown", ["run", "--model", "nope", "--out", "OUT"], None, "unknown model 'nope'; choose from smollm2-135m, llama3-8b, tiny-llama, a"),
     ("--random-weights with a value", [*RUN, "--random-weights", "yes"], None, 'python -m harness: unrecognized arguments: yes'),
+    ("--no-memory-check with a value", [*RUN, "--no-memory-check", "yes"], None, 'python -m harness: unrecognized arguments: yes'),
     ("--workloads unknown", ["run", "--model", "tiny-llama", "--workloads", "nope", "--out", "OUT"], None, "unknown workload 'nope'; choose from latency, wikitext2, squad, squad-lo"),
     ("--workloads quality on random weights", ["run", "--model", "tiny-llama", "--workloads", "wikitext2", "--out", "OUT"], None, 'quality workloads (wikitext2) are refused on random weights; choose from'),
     ("--out through a file", [*RUN[:-1], "FILE/out"], None, '--out TMP/a-file/out: cannot write there (Not a directory)'),
@@ -78,6 +79,7 @@ CASES: list[tuple[str, list[str], str | None, str]] = [
     ("sweep --resume with a value", ["sweep", "SWEEP", "--resume", "yes"], SWEEP_HEAD, 'python -m harness: unrecognized arguments: yes'),
     ("sweep --scale unknown", ["sweep", "SWEEP", "--scale", "huge", "--out", "OUT"], SWEEP_HEAD, "TMP/sweep.yaml:1: scales: no scale 'huge' in this file; scales: none"),
     ("sweep --dry-run with a value", ["sweep", "SWEEP", "--dry-run", "1"], SWEEP_HEAD, 'python -m harness: unrecognized arguments: 1'),
+    ("sweep --no-memory-check with a value", ["sweep", "SWEEP", "--no-memory-check", "1"], SWEEP_HEAD, 'python -m harness: unrecognized arguments: 1'),
     ("sweep --timeout negative", ["sweep", "SWEEP", "--timeout", "-1"], SWEEP_HEAD, 'python -m harness sweep: argument --timeout: expected positive integers,'),
     ("sweep --executor unknown", ["sweep", "SWEEP", "--executor", "k8s"], SWEEP_HEAD, "python -m harness sweep: argument --executor: invalid choice: 'k8s' (cho"),
     # sweep file keys

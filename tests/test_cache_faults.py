@@ -253,13 +253,13 @@ def test_damaged_gguf_is_quantized_again(gguf_first, tiny_model, fault):
     assert "llama.cpp cache entry" in notes[0] and report.preparation.quantize_s > 0
 
 
-def test_damaged_f32_source_is_written_again_for_the_next_quantization(gguf_first, tiny_model):
+def test_damaged_source_gguf_is_written_again_for_the_next_quantization(gguf_first, tiny_model):
     directory, first = gguf_first
-    damage(directory / "f32.gguf", "garbage")
+    damage(directory / "source.gguf", "garbage")
     (directory / "q8_0.json").unlink()  # the variant must be built again, from the source
     report, result, notes = load("llamacpp", "q8_0", tiny_model)
     assert len(notes) == 2 and "no manifest q8_0.json" in notes[0] and REASONS["garbage"] in notes[1]
-    assert "f32.gguf" in notes[1] and report.preparation.cache_hit is False
+    assert "source.gguf" in notes[1] and report.preparation.cache_hit is False
     assert result[0] == first[0]
     np.testing.assert_array_equal(result[1], first[1])
 

@@ -58,11 +58,13 @@ def test_quantized_variant_is_built_by_llama_cpp_once_and_then_cached(tiny_model
     first = backend_class("llamacpp")("q8_0", {"threads": 2})
     built = first.load(tiny_model)
     assert built.preparation.cache_hit is False and built.preparation.quantize_s > 0
+    assert built.preparation.peak_rss_bytes > 0  # the larger of writing the source and quantizing
     assert built.details["tensor_types"].get("Q8_0", 0) > 0
     first.close()
     again = backend_class("llamacpp")("q8_0", {"threads": 2})
     hit = again.load(tiny_model)
     assert hit.preparation.cache_hit is True and hit.preparation.quantize_s == built.preparation.quantize_s
+    assert hit.preparation.peak_rss_bytes == built.preparation.peak_rss_bytes
     assert (tmp_path / "llamacpp").is_dir() and hit.preparation.artifact_dir.startswith(str(tmp_path))
     again.close()
 
@@ -138,11 +140,11 @@ def test_fixed_context_too_small_for_a_request_says_so(tiny_model):
 
 
 def test_unsupported_architecture_is_refused(tmp_path):
-    from backends.llamacpp.gguf_files import UnsupportedModel, write_f32_from_checkpoint
+    from backends.llamacpp.gguf_files import UnsupportedModel, write_source_from_checkpoint
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(UnsupportedModel, match="model_type 'gpt2'"):
-        write_f32_from_checkpoint(tmp_path, tmp_path / "out.gguf")
+        write_source_from_checkpoint(tmp_path, tmp_path / "out.gguf")
 
 
 def test_llamacpp_chunks_follow_llama_perplexity():

@@ -230,6 +230,13 @@ class Workload(abc.ABC):
         return None
 
     # --- running -------------------------------------------------------------------------------
+    # --- running -------------------------------------------------------------------------------
+    def sequence_footprint(self) -> tuple[int, int]:
+        """``(tokens per sequence, sequences at once)`` at this cell's largest forward pass: what
+        the pre-flight memory check (``backends.footprint``) sizes the KV cache and activations
+        for. The default, 2048 x 1, suits workloads that do not say."""
+        return 2048, 1
+
     @abc.abstractmethod
     def run(self, backend: Backend, tokenizer, progress: Progress) -> WorkloadResult:
         """Measure ``backend`` (already loaded). Raises ``WorkloadError`` with a one-line reason."""

@@ -93,6 +93,10 @@ class LatencyWorkload(Workload):
                       md_table(kv_header, kv_rows)]
         return parts
 
+    def sequence_footprint(self) -> tuple[int, int]:
+        """Prompt plus new tokens, ``batch`` sequences."""
+        return self.params.n_in + self.params.n_out, self.params.batch
+
     def run(self, backend, tokenizer, progress: Progress) -> WorkloadResult:
         p: LatencyParams = self.params
         if min(p.n_in, p.n_out, p.batch, p.repetitions) < 1 or p.warmup < 0:

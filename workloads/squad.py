@@ -229,6 +229,12 @@ class SquadWorkload(Workload):
                 md_table(header, rows), "", "<details><summary>Example prompt</summary>", "",
                 "```text", example or "", "```", "", "</details>"]
 
+    def sequence_footprint(self) -> tuple[int, int]:
+        """An estimate: SQuAD v2.0 dev paragraphs with their question fit in 1024 tokens (the
+        longest of the shared part is about 800 with the SmolLM2 tokenizer), one per shot plus
+        the question's own, ``batch_size`` at once."""
+        return 1024 * (self.params.shots + 1), self.params.batch_size
+
     def run(self, backend, tokenizer, progress: Progress) -> WorkloadResult:
         p: SquadParams = self.params
         if p.shots < 0 or p.batch_size < 1:

@@ -211,6 +211,10 @@ class SquadLongWorkload(Workload):
     def cell_id(cls, params: SquadLongParams) -> str:
         return f"squad-long-L{params.length}-d{params.depth}-n{params.n}"
 
+    def sequence_footprint(self) -> tuple[int, int]:
+        """``length`` prompt tokens and a short answer, ``batch_size`` questions at once."""
+        return self.params.length + 64, self.params.batch_size
+
     def run(self, backend, tokenizer, progress: Progress) -> WorkloadResult:
         p: SquadLongParams = self.params
         self.check(p)

@@ -126,6 +126,10 @@ class WikiText2Workload(Workload):
               "{:.3f} - {:.3f}".format(*r["metrics"]["ppl_ci95"]), str(r["metrics"]["n_tokens"]),
               r["metrics"]["protocol"]] for r in ppl])]
 
+    def sequence_footprint(self) -> tuple[int, int]:
+        """One window of ``context`` tokens."""
+        return self.params.context, 1
+
     def run(self, backend, tokenizer, progress: Progress) -> WorkloadResult:
         p: WikiTextParams = self.params
         ids = wikitext2_token_ids(tokenizer)

@@ -106,6 +106,10 @@ class WikiText2LongWorkload(Workload):
     def cell_id(cls, params: WikiTextLongParams) -> str:
         return f"wikitext2-long-L{params.length}-t{params.tail}-s{params.segments}-a{params.anchor}"
 
+    def sequence_footprint(self) -> tuple[int, int]:
+        """One segment of ``length`` tokens."""
+        return self.params.length, 1
+
     def run(self, backend, tokenizer, progress: Progress) -> WorkloadResult:
         p: WikiTextLongParams = self.params
         self.check(p)

@@ -31,6 +31,11 @@ from backends.options import BackendOptions, check_sink_window
 from backends.tokens import left_pad, stop_token_set, trim_at_stop
 
 
+
+def _itemsize(dtype: str) -> int:
+    """Bytes per element of a torch dtype name (``"bfloat16"`` -> 2)."""
+    return {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
+
 class TransformersOptions(BackendOptions):
     """Options of the transformers backends (``hf``, and the ``bnb`` / ``kvq`` ones built on it)."""
 
@@ -209,6 +214,14 @@ class TransformersBackend(Backend):
     @property
     def compute_dtype(self) -> str:
         return self._DTYPES[self.variant]
+
+    def weight_bytes_estimate(self, shape) -> int:
+        """Every parameter in the compute dtype."""
+        size = _itemsize(self.compute_dtype)
+        return shape.weight_bytes(linear=size, embed=size, norm=size)
+
+    def kv_element_bytes(self) -> float:
+        return float(_itemsize(self.compute_dtype))
 
     def torch_load_options(self) -> TorchLoadOptions:
         """How to build the model (dtype, device, attention, quantization config)."""

@@ -109,6 +109,14 @@ class BitsAndBytesBackend(TransformersBackend):
     def compute_dtype(self) -> str:
         return self.options.compute_dtype or ("float16" if self.device == "cuda" else "float32")
 
+    def weight_bytes_estimate(self, shape) -> int:
+        """Linear layers at int8 (LLM.int8) or 4 bits plus one float32 absmax per block of 64
+        (double quantization: one int8 absmax per 64 and one float32 per 256 of those); the
+        embedding, lm_head and norms in the compute dtype."""
+        linear = {"int8": 1.0, "nf4-dq": 0.5 + 1 / 64 + 4 / (64 * 256)}.get(self.variant, 0.5 + 4 / 64)
+        size = {"float32": 4, "float16": 2, "bfloat16": 2}[self.compute_dtype]
+        return shape.weight_bytes(linear=linear, embed=size, norm=size)
+
     def quantization_config(self):
         import torch
         from transformers import BitsAndBytesConfig

@@ -170,6 +170,12 @@ class KVQuantBackend(TransformersBackend):
     def compute_dtype(self) -> str:
         return self.options.compute_dtype or ("float16" if self.device == "cuda" else "float32")
 
+    def kv_element_bytes(self) -> float:
+        """The quantized cache's bits (hybrid: 8) plus a compute-dtype scale and zero point per
+        group of 64; fp16 variants: 2."""
+        bits = _BITS.get(self.variant, 8 if self.variant == "hybrid" else 16)
+        return 2.0 if bits == 16 else bits / 8 + 2 * 4 / 64
+
     def torch_load_options(self) -> TorchLoadOptions:
         options = super().torch_load_options()
         options.attn_implementation = self.attn_implementation

@@ -4,7 +4,8 @@ The high-level ``Llama`` class serves one sequence and samples inside llama.cpp;
 ours (``backends.decoding.greedy_decode``) over ``llama_decode`` with a ``llama_batch``: every
 prompt is its own sequence id in one batch (no padding: each sequence has its own positions), only
 the positions whose logits are needed are computed, and each step is stamped as its tokens exist
-on the host. Weights come from ``gguf_files`` (f32 source, llama.cpp's own quantizer).
+on the host. Weights come from ``gguf_files`` (a source GGUF in the checkpoint's float type,
+written tensor by tensor; llama.cpp's own quantizer).
 
 CUDA: with a llama.cpp built with ``-DGGML_CUDA=on`` (see the README), ``device`` auto offloads
 every layer (``n_gpu_layers``); a CPU build runs on the CPU and says so in ``info()``.
@@ -33,6 +34,13 @@ _FLASH = {"auto": "LLAMA_FLASH_ATTN_TYPE_AUTO", "on": "LLAMA_FLASH_ATTN_TYPE_ENA
           "off": "LLAMA_FLASH_ATTN_TYPE_DISABLED"}
 _BACKEND_READY = False
 
+
+
+# Bits per weight of each file type: block layouts of ggml-common.h (q8_0: 34 bytes per 32 weights,
+# q4_0: 18, q4_1: 20, q6_K: 210 per 256...) and, for the mixes, the sizes llama.cpp's quantize README
+# lists for Llama-2-7B (Q4_K_M 4.89, Q5_K_M 5.68, Q3_K_M 3.91, Q2_K 3.35 bits per weight).
+BITS_PER_WEIGHT = {"f32": 32.0, "f16": 16.0, "q8_0": 8.5, "q6_k": 6.5625, "q5_k_m": 5.68, "q4_k_m": 4.89,
+                   "q4_0": 4.5, "q4_1": 5.0, "q3_k_m": 3.91, "q2_k": 3.35, "iq4_nl": 4.5}
 
 class LlamaCppOptions(BackendOptions):
     """``llamacpp`` options; ``threads`` is llama.cpp's ``n_threads`` and ``n_threads_batch``."""
@@ -117,9 +125,29 @@ class LlamaCppBackend(Backend):
             return self.options.n_gpu_layers
         return -1 if llama.llama_supports_gpu_offload() and self.options.device != "cpu" else 0
 
+    # --- the pre-flight estimate (backends.footprint) ---------------------------------------------
+    def weight_bytes_estimate(self, shape) -> int:
+        """Bits per weight of the file type (``BITS_PER_WEIGHT``: llama.cpp's block layouts, and for
+        the k-quant mixes the sizes ``llama-quantize`` reports on Llama-2-7B), norms in f32."""
+        size = BITS_PER_WEIGHT[self.variant] / 8
+        return shape.weight_bytes(linear=size, embed=size)
+
+    def kv_element_bytes(self) -> float:
+        """Keys and values at their cache types (f16: 2; q8_0: 34 bytes per 32; q4_0: 18 per 32)."""
+        sizes = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+        return (sizes[self.options.type_k] + sizes[self.options.type_v]) / 2
+
+    def preparation_bytes_estimate(self, shape) -> int:
+        """The streamed source writer (one float32 matrix) and llama.cpp's quantizer, which holds a
+        tensor in f32 and its quantized copy per thread (``llama-quant.cpp``)."""
+        from backends.footprint import WORKING_SET_BYTES
+
+        return shape.largest_matrix_params * 4 * 2 + WORKING_SET_BYTES
+
     # --- preparation and load --------------------------------------------------------------------
     def prepare(self, model: ModelSpec, directory: Path) -> Preparation:
-        """The variant's GGUF: the f32 source written once, quantized by llama.cpp, cached."""
+        """The variant's GGUF: the source written once, quantized by llama.cpp, cached.
+        ``peak_rss_bytes`` is the larger of the memory writing the source and quantizing added."""
         llama = _llama()
         if self.options.device == "cuda" and not llama.llama_supports_gpu_offload():
             raise BackendError(f"{self.label}: device=cuda but this llama.cpp is a CPU build: reinstall with "
@@ -131,9 +159,10 @@ class LlamaCppBackend(Backend):
         self._source = facts["source"]
         self.cached_entry = facts["entry"] if facts["cache_hit"] else None
         self._weight_groups = weight_groups(self.path)
+        peaks = [p for p in (facts["convert_peak_bytes"], facts["quantize_peak_bytes"]) if p is not None]
         return Preparation(convert_s=facts["convert_s"], quantize_s=facts["quantize_s"],
-                           artifact_bytes=self.path.stat().st_size, artifact_dir=str(self.path.parent),
-                           cache_hit=facts["cache_hit"])
+                           artifact_bytes=self.path.stat().st_size, peak_rss_bytes=max(peaks) if peaks else None,
+                           artifact_dir=str(self.path.parent), cache_hit=facts["cache_hit"])
 
     def _load(self, model: ModelSpec, directory: Path) -> LoadedModel:
         llama = _llama()

@@ -1,27 +1,35 @@
-"""The GGUF files the llama.cpp backend loads: one f32 source per model, quantized by llama.cpp.
+"""The GGUF files the llama.cpp backend loads: one source GGUF per model, quantized by llama.cpp.
 
 Every variant derives from the same weights the other backends load:
 
 - the embedded model (a GGUF package): ``q4_1`` is the shipped Q4_1 file as it is; the source of
-  every other type is an f32 GGUF dequantized from it with the ``gguf`` package (the tensors are
+  every other type is an F32 GGUF dequantized from it with the ``gguf`` package (the tensors are
   already in llama.cpp's layout, so the values are exactly what transformers dequantizes);
-- a transformers checkpoint of the Llama family: an f32 GGUF written with the ``gguf`` package's
-  writer and tensor-name map, Q/K rows permuted as llama.cpp's ``convert_hf_to_gguf.py`` does
-  (``LlamaModel.permute``), the BPE vocabulary from ``tokenizer.json``.
+- a transformers checkpoint of the Llama family: a GGUF in the checkpoint's own float type (F32,
+  BF16 or F16, as ``convert_hf_to_gguf.py --outtype auto`` keeps it; norm vectors F32) written
+  with the ``gguf`` package's writer and tensor-name map, Q/K rows permuted as llama.cpp's
+  ``convert_hf_to_gguf.py`` does (``LlamaModel.permute``), the BPE vocabulary from
+  ``tokenizer.json``.
 
-Quantized types are made by llama.cpp's own quantizer (``llama_model_quantize``) from the f32
-source. Files are cached under ``cache_root()/llamacpp/<checkpoint>-<key>/``; the key hashes the
-source's identity and the llama-cpp-python version, and files are written to a temporary name and
-renamed, so a crash never leaves a file that looks complete.
+Both sources are written as a stream: every tensor's name, shape and type is declared first (from
+the safetensors or GGUF header, nothing loaded), then the tensors are read, converted and written
+one at a time, so the memory a conversion adds is about its largest tensor, not the model (an 8B
+checkpoint of 16 GB converts on a 24 GiB machine; ``convert_peak_bytes`` records it).
 
-Each GGUF ``<variant>.gguf`` of a folder is its own cache entry (``file_entry``) with its manifest
-``<variant>.json`` (the build facts, the file's size and sha256 of sampled blocks:
-``backends.artifact_cache``), written after the file. The check on every load detects a missing
-GGUF or manifest, a GGUF truncated or extended, or overwritten (its size, first and last 64 KiB
-and 6 blocks between are hashed); such a file is deleted and built again (the f32 source too).
-A few bytes changed inside the tensor data between sampled blocks are not detected: llama.cpp
-does not checksum tensors, and the load uses them. A header that llama.cpp cannot parse makes
-the load fail, and ``Backend.load`` rebuilds the file once. A file from before manifests (a
+Quantized types are made by llama.cpp's own quantizer (``llama_model_quantize``) from the source;
+``f32`` is the source itself when that is F32, else llama.cpp's ALL_F32 "quantization" of it.
+Files are cached under ``cache_root()/llamacpp/<checkpoint>-<key>/``; the key hashes the source's
+identity, the llama-cpp-python version and ``FORMAT``, and files are written to a temporary name
+and renamed, so a crash never leaves a file that looks complete.
+
+Each GGUF ``<variant>.gguf`` of a folder (and the source, ``source.gguf``) is its own cache entry
+(``file_entry``) with its manifest ``<variant>.json`` (the build facts, the file's size and sha256
+of sampled blocks: ``backends.artifact_cache``), written after the file. The check on every load
+detects a missing GGUF or manifest, a GGUF truncated or extended, or overwritten (its size, first
+and last 64 KiB and 6 blocks between are hashed); such a file is deleted and built again (the
+source too). A few bytes changed inside the tensor data between sampled blocks are not detected:
+llama.cpp does not checksum tensors, and the load uses them. A header that llama.cpp cannot parse
+makes the load fail, and ``Backend.load`` rebuilds the file once. A file from before manifests (a
 ``<variant>.json`` of facts without a file list, beside its GGUF) is adopted.
 """
 
@@ -37,9 +45,11 @@ from typing import Any, Callable
 import numpy as np
 
 from backends.artifact_cache import CacheEntry, write_manifest
+from backends.memory import StepPeak
 from backends.models import ModelSpec, cache_root, checkpoint_identity, file_identity
+from backends.safetensors_io import SafetensorsCheckpoint, bf16_to_f32
 
-FORMAT = 1  # of the files this module writes; part of the cache key
+FORMAT = 2  # of the files this module writes; part of the cache key
 
 # variant -> name of llama.cpp's LLAMA_FTYPE_* constant (llama.h)
 FTYPES = {
@@ -55,16 +65,17 @@ class UnsupportedModel(ValueError):
     """The checkpoint's architecture or tokenizer cannot be written as a llama.cpp GGUF here."""
 
 
-def _atomic(target: Path, write: Callable[[Path], None]) -> float:
-    """Run ``write(tmp)`` and rename the result to ``target``; returns the seconds it took."""
+def _atomic(target: Path, write: Callable[[Path], Any]) -> tuple[Any, float]:
+    """Run ``write(tmp)`` and rename the file it wrote to ``target``; returns ``(what write
+    returned, the seconds it took)``."""
     tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
     started = time.perf_counter()
     try:
-        write(tmp)
+        result = write(tmp)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-    return time.perf_counter() - started
+    return result, time.perf_counter() - started
 
 
 def entry_dir(spec: ModelSpec, directory: Path) -> Path:
@@ -76,18 +87,67 @@ def entry_dir(spec: ModelSpec, directory: Path) -> Path:
     return cache_root() / "llamacpp" / f"{Path(directory).name}-{key}"
 
 
-# --- the f32 source ----------------------------------------------------------------------------
-def dequantize_gguf(source: Path, target: Path) -> None:
-    """Write ``target``: ``source`` with every tensor dequantized to f32 and its metadata kept
-    (``general.file_type`` set to ALL_F32).
+# --- the source ----------------------------------------------------------------------------------
+def _read_bytes(path: Path, offset: int, out: np.ndarray) -> np.ndarray:
+    """Fill ``out`` with ``out.nbytes`` bytes of ``path`` from ``offset`` (``pread`` into the
+    array's own memory: no mapping of the file stays resident); returns ``out``.
+
+    Raises:
+        OSError: the file ends first.
+    """
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    with open(path, "rb", buffering=0) as handle:
+        done = 0
+        while done < out.nbytes:  # pread may return less than asked for large reads
+            count = os.preadv(handle.fileno(), [view[done:]], offset + done)
+            if count <= 0:
+                raise OSError(f"{path}: short read at byte {offset + done}")
+            done += count
+    return out
+
+
+def _write_streamed(writer, arrays) -> None:
+    """Write a GGUF whose tensors ``writer`` has declared (``add_tensor_info``): header, metadata,
+    tensor infos, then each array ``arrays`` yields, in the declared order, one at a time; closes
+    the file.
+
+    Raises:
+        ValueError: an array's byte size differs from its declaration, or too few arrays.
+    """
+    try:
+        declared = [(name, info.nbytes) for shard in writer.tensors for name, info in shard.items()]
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        written = 0
+        for values in arrays:
+            name, nbytes = declared[written]
+            if values.nbytes != nbytes:
+                raise ValueError(f"{name}: {values.nbytes} bytes, {nbytes} declared")
+            writer.write_tensor_data(np.ascontiguousarray(values))
+            written += 1
+        if written != len(declared):
+            raise ValueError(f"{len(declared) - written} declared tensors were not written")
+    finally:
+        writer.close()
+
+
+def dequantize_gguf(source: Path, target: Path) -> str:
+    """Write ``target``: ``source`` with every tensor dequantized to F32 and its metadata kept
+    (``general.file_type`` set to ALL_F32), one tensor at a time (read with ``pread``, dequantized
+    in row blocks): the memory this adds is the largest tensor in F32 and the reader's parsed
+    metadata (the vocabulary), not the model.
 
     Args:
         source: a GGUF file (any llama.cpp tensor types the ``gguf`` package can dequantize).
-        target: the f32 GGUF to write.
+        target: the F32 GGUF to write.
+
+    Returns:
+        ``"F32"``: the GGUF type of the written tensors.
     """
     import gguf
 
-    reader = gguf.GGUFReader(str(source))
+    reader = gguf.GGUFReader(str(source))  # a read-only mapping: tensor data is read with pread below
     arch = reader.fields["general.architecture"].contents()
     writer = gguf.GGUFWriter(str(target), arch)
     for key, field in reader.fields.items():
@@ -97,16 +157,27 @@ def dequantize_gguf(source: Path, target: Path) -> None:
         writer.add_key_value(key, field.contents(), field.types[0], sub_type)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     for tensor in reader.tensors:
-        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        writer.add_tensor(tensor.name, np.ascontiguousarray(values, dtype=np.float32))
-    _write(writer)
+        shape = tuple(reversed([int(d) for d in tensor.shape]))  # GGUF lists dimensions innermost first
+        writer.add_tensor_info(tensor.name, shape, np.dtype(np.float32), int(tensor.n_elements) * 4)
 
+    def arrays():
+        for tensor in reader.tensors:
+            stored = _read_bytes(source, tensor.data_offset, np.empty(tensor.data.shape, tensor.data.dtype))
+            if tensor.tensor_type == gguf.GGMLQuantizationType.F32:
+                yield stored
+                continue
+            # row blocks of about 16 MiB: the package's dequantization makes temporaries a few times
+            # the size of what it is given
+            rows = stored.reshape(-1, stored.shape[-1])
+            values = np.empty(tuple(reversed([int(d) for d in tensor.shape])), np.float32)
+            out = values.reshape(len(rows), -1)
+            step = max(1, (16 << 20) // (4 * out.shape[1]))
+            for start in range(0, len(rows), step):
+                out[start:start + step] = gguf.quants.dequantize(rows[start:start + step], tensor.tensor_type)
+            yield values
 
-def _write(writer) -> None:
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _write_streamed(writer, arrays())
+    return "F32"
 
 
 def permute_qk(weights: np.ndarray, n_head: int) -> np.ndarray:
@@ -114,7 +185,7 @@ def permute_qk(weights: np.ndarray, n_head: int) -> np.ndarray:
     llama.cpp's (interleaved pairs): ``LlamaModel.permute`` of llama.cpp's ``convert_hf_to_gguf.py``.
 
     Args:
-        weights: ``[n_head * head_dim, hidden]``.
+        weights: ``[n_head * head_dim, hidden]``, any dtype (bf16 as uint16 bit patterns too).
         n_head: heads of this projection (key/value heads for K).
     """
     return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
@@ -150,23 +221,65 @@ def _bpe_vocabulary(directory: Path, vocab_size: int) -> tuple[list[str], list[i
     return tokens, [int(t) for t in types], merges
 
 
-def write_f32_from_checkpoint(directory: Path, target: Path) -> None:
-    """Write an f32 GGUF of a transformers Llama-family checkpoint (tensors read one at a time).
+# safetensors float dtype -> (numpy dtype written, llama.cpp file type name); bf16 as uint16 bits
+_SOURCE_TYPES = {"F32": (np.float32, "ALL_F32"), "BF16": (np.uint16, "MOSTLY_BF16"), "F16": (np.float16, "MOSTLY_F16")}
+
+
+def _as_f32(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values of a tensor stored as ``dtype`` (F32, F16 or BF16 bit patterns); exact."""
+    return bf16_to_f32(values) if dtype == "BF16" else values.astype(np.float32, copy=False)
+
+
+def write_source_from_checkpoint(directory: Path, target: Path) -> str:
+    """Write the source GGUF of a transformers Llama-family checkpoint, tensor by tensor, in the
+    checkpoint's own float type: F32 for an f32 checkpoint, BF16 for bf16 (the bit patterns as
+    stored), F16 for f16 (``convert_hf_to_gguf.py --outtype auto`` keeps the type too; a
+    checkpoint whose matrices mix types is written F32, which holds each exactly). Norm vectors
+    (1-D tensors) are F32, as llama.cpp's converter writes them. ``general.file_type`` is
+    ALL_F32, MOSTLY_BF16 or MOSTLY_F16 accordingly.
+
+    Shapes come from the safetensors headers; each tensor is then read with ``pread``
+    (``backends.safetensors_io``), its Q/K rows permuted, and written before the next is read, so
+    the memory this adds is about the largest tensor (twice it for a permuted Q/K, once more in
+    F32 for a widened one), not the model.
+
+    Returns:
+        The GGUF type of the matrices written: ``"F32"``, ``"BF16"`` or ``"F16"``.
 
     Raises:
-        UnsupportedModel: not a Llama-family ``*ForCausalLM``, or a tokenizer other than BPE.
+        UnsupportedModel: not a Llama-family ``*ForCausalLM``, a tokenizer other than BPE, no
+            safetensors weights, a tensor without a GGUF name, or a dtype other than F32/BF16/F16.
     """
     import gguf
-    import torch
-    from safetensors import safe_open
 
     config = json.loads((directory / "config.json").read_text())
     if config.get("model_type") not in ("llama", "mistral") or config.get("rope_scaling"):
         raise UnsupportedModel(f"model_type {config.get('model_type')!r} (rope_scaling "
                                f"{config.get('rope_scaling')}) is not supported: Llama family without rope scaling only")
+    try:
+        checkpoint = SafetensorsCheckpoint(directory)
+    except FileNotFoundError:
+        raise UnsupportedModel(f"{directory} has no safetensors weights") from None
     n_layers, n_head = config["num_hidden_layers"], config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_head
     head_dim = config.get("head_dim") or config["hidden_size"] // n_head
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    gguf_names: dict[str, str] = {}  # checkpoint name -> GGUF name, in file order
+    for key in checkpoint.names():
+        if key.endswith("rotary_emb.inv_freq"):
+            continue
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise UnsupportedModel(f"no GGUF name for tensor {key}")
+        if checkpoint.tensors[key].dtype not in _SOURCE_TYPES:
+            raise UnsupportedModel(f"tensor {key} is {checkpoint.tensors[key].dtype}: F32, BF16 or F16 only")
+        gguf_names[key] = name
+    matrix_types = {checkpoint.tensors[key].dtype for key in gguf_names if len(checkpoint.tensors[key].shape) > 1}
+    source_type = matrix_types.pop() if len(matrix_types) == 1 else "F32"
+    # (checkpoint name, GGUF name, GGUF type written): norm vectors F32
+    plan = [(key, name, source_type if len(checkpoint.tensors[key].shape) > 1 else "F32")
+            for key, name in gguf_names.items()]
+
     writer = gguf.GGUFWriter(str(target), "llama")
     writer.add_name(directory.name)
     writer.add_context_length(config.get("max_position_embeddings", 2048))
@@ -179,7 +292,7 @@ def write_f32_from_checkpoint(directory: Path, target: Path) -> None:
     writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
     writer.add_vocab_size(config["vocab_size"])
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_file_type(getattr(gguf.LlamaFileType, _SOURCE_TYPES[source_type][1]))
     tokens, types, merges = _bpe_vocabulary(directory, config["vocab_size"])
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
@@ -187,30 +300,37 @@ def write_f32_from_checkpoint(directory: Path, target: Path) -> None:
     writer.add_token_types(types)
     writer.add_token_merges(merges)
     gguf.SpecialVocab(directory, load_merges=False, n_vocab=len(tokens)).add_to_gguf(writer)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise UnsupportedModel(f"{directory} has no safetensors weights")
-    for path in files:
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                if key.endswith("rotary_emb.inv_freq"):
-                    continue
-                name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-                if name is None:
-                    raise UnsupportedModel(f"no GGUF name for tensor {key}")
-                values = handle.get_tensor(key).to(torch.float32).numpy()
-                if key.endswith("q_proj.weight"):
-                    values = permute_qk(values, n_head)
-                elif key.endswith("k_proj.weight"):
-                    values = permute_qk(values, n_kv)
-                writer.add_tensor(name, np.ascontiguousarray(values))
-    _write(writer)
+    for key, name, written in plan:
+        shape = checkpoint.tensors[key].shape  # numpy order: the writer reverses it for GGUF
+        dtype = np.dtype(_SOURCE_TYPES[written][0])
+        raw = gguf.GGMLQuantizationType.BF16 if written == "BF16" else None  # uint16 elements: shape kept
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        writer.add_tensor_info(name, shape, dtype, nbytes, raw_dtype=raw)
+
+    def arrays():
+        for key, _name, written in plan:
+            stored = checkpoint.tensors[key].dtype
+            values = checkpoint.raw(key)
+            if written != stored:
+                values = _as_f32(values, stored)
+            if key.endswith("q_proj.weight"):
+                values = permute_qk(values, n_head)
+            elif key.endswith("k_proj.weight"):
+                values = permute_qk(values, n_kv)
+            yield values
+            del values
+
+    _write_streamed(writer, arrays())
+    return source_type
 
 
 # --- the files of one variant ------------------------------------------------------------------
+SOURCE = "source"  # the source GGUF's name in an entry folder: source.gguf, manifest source.json
+
+
 def quantize(source: Path, target: Path, variant: str, threads: int) -> None:
-    """Quantize the f32 ``source`` to ``variant`` with llama.cpp's ``llama_model_quantize``.
+    """Quantize the ``source`` GGUF (F32, BF16 or F16) to ``variant`` with llama.cpp's
+    ``llama_model_quantize`` (``f32``: every matrix widened to F32).
 
     Raises:
         RuntimeError: llama.cpp reports a failure.
@@ -226,13 +346,17 @@ def quantize(source: Path, target: Path, variant: str, threads: int) -> None:
 
 def file_entry(entry: Path, variant: str) -> CacheEntry:
     """The cache entry of one variant's GGUF in the folder ``entry``: ``<variant>.gguf`` with its
-    manifest ``<variant>.json``."""
+    manifest ``<variant>.json`` (``variant`` ``SOURCE``: the source GGUF)."""
     return CacheEntry(Path(entry), name=f"{variant}.json", files=(f"{variant}.gguf",), label="llama.cpp cache entry")
 
 
+_FACTS = ("convert_s", "quantize_s", "source", "source_type", "convert_peak_bytes", "quantize_peak_bytes")
+
+
 def _cached_facts(entry: Path, variant: str) -> dict[str, Any] | None:
-    """The build facts of a sound cached GGUF of ``variant``; None when there is none (a corrupt one
-    is deleted, with a note). A facts file from before manifests, beside its GGUF, is adopted."""
+    """The build facts (``_FACTS``; None for those an older entry lacks) of a sound cached GGUF of
+    ``variant``; None when there is none (a corrupt one is deleted, with a note). A facts file
+    from before manifests, beside its GGUF, is adopted."""
 
     def adopt(old: dict[str, Any] | None) -> dict[str, Any] | None:
         return old if old is not None and "source" in old and "convert_s" in old else None
@@ -240,17 +364,29 @@ def _cached_facts(entry: Path, variant: str) -> dict[str, Any] | None:
     manifest = file_entry(entry, variant).check_or_discard(legacy=adopt)
     if manifest is None:
         return None
-    return {k: manifest[k] for k in ("convert_s", "quantize_s", "source")}
+    return {k: manifest.get(k) for k in _FACTS}
+
+
+def _measured(step: Callable[[], Any]) -> tuple[Any, int]:
+    """``(step(), memory it added)``: the result and ``StepPeak.growth_bytes`` (bytes)."""
+    with StepPeak() as peak:
+        result = step()
+    return result, peak.growth_bytes
 
 
 def variant_file(spec: ModelSpec, directory: Path, variant: str, threads: int) -> tuple[Path, dict[str, Any]]:
     """The GGUF of ``variant`` for this model, built on a cache miss or when the cached file fails
-    its manifest check (``file_entry``).
+    its manifest check (``file_entry``). The source GGUF (``source.gguf``, checked the same way)
+    is written first when missing; ``f32`` is the source itself when the source is F32.
 
     Returns:
-        ``(path, facts)``: facts are ``convert_s`` (writing the f32 source), ``quantize_s``,
+        ``(path, facts)``: facts are ``convert_s`` (writing the source), ``quantize_s``,
+        ``convert_peak_bytes`` / ``quantize_peak_bytes`` (the resident memory each step added,
+        ``backends.memory.StepPeak``; None where there was no such step or an older entry did not
+        record it), ``source_type`` (the source's GGUF type: ``"F32"``, ``"BF16"``, ``"F16"``),
         ``cache_hit``, ``source`` (what the file was made from) and ``entry`` (the file's
-        ``CacheEntry``; None for the shipped Q4_1 file, which is not ours).
+        ``CacheEntry``; None for the shipped Q4_1 file, which is not ours). Seconds and bytes are
+        those measured when the file was built, on a cache hit too.
 
     Raises:
         UnsupportedModel: the checkpoint cannot be written as GGUF.
@@ -260,26 +396,33 @@ def variant_file(spec: ModelSpec, directory: Path, variant: str, threads: int) -
     entry.mkdir(parents=True, exist_ok=True)
     target = entry / f"{variant}.gguf"
     if spec.source == "gguf" and variant == "q4_1" and Path(spec.location).name.lower().endswith("q4_1.gguf"):
-        return Path(spec.location), {"convert_s": 0.0, "quantize_s": 0.0, "cache_hit": True, "entry": None,
-                                      "source": "the shipped Q4_1 file, as it is"}
+        return Path(spec.location), {"convert_s": 0.0, "quantize_s": 0.0, "convert_peak_bytes": None,
+                                      "quantize_peak_bytes": None, "source_type": "Q4_1", "cache_hit": True,
+                                      "entry": None, "source": "the shipped Q4_1 file, as it is"}
     cached = _cached_facts(entry, variant)
     if cached is not None:
         return target, {**cached, "cache_hit": True, "entry": file_entry(entry, variant)}
-    source = entry / "f32.gguf"
-    base = _cached_facts(entry, "f32") if variant != "f32" else None
+    source = entry / f"{SOURCE}.gguf"
+    base = _cached_facts(entry, SOURCE)
+    hit = base is not None
     if base is None:
         if spec.source == "gguf":
-            convert_s = _atomic(source, lambda tmp: dequantize_gguf(Path(spec.location), tmp))
-            origin = f"f32 dequantized from {Path(spec.location).name}"
+            (source_type, convert_s), peak = _measured(
+                lambda: _atomic(source, lambda tmp: dequantize_gguf(Path(spec.location), tmp)))
+            origin = f"F32 dequantized from {Path(spec.location).name}"
         else:
-            convert_s = _atomic(source, lambda tmp: write_f32_from_checkpoint(directory, tmp))
-            origin = "f32 written from the transformers checkpoint"
-        base = {"convert_s": convert_s, "quantize_s": 0.0, "source": origin}
-        write_manifest(entry, [source.name], base, name="f32.json")
-    if variant == "f32":
-        return source, {**base, "cache_hit": False, "entry": file_entry(entry, "f32")}
-    quantize_s = _atomic(target, lambda tmp: quantize(source, tmp, variant, threads))
-    facts = {"convert_s": base["convert_s"], "quantize_s": quantize_s,
+            (source_type, convert_s), peak = _measured(
+                lambda: _atomic(source, lambda tmp: write_source_from_checkpoint(directory, tmp)))
+            origin = f"{source_type} written from the transformers checkpoint"
+        base = {"convert_s": convert_s, "quantize_s": 0.0, "source": origin, "source_type": source_type,
+                "convert_peak_bytes": peak, "quantize_peak_bytes": None}
+        write_manifest(entry, [source.name], base, name=f"{SOURCE}.json")
+    if variant == "f32" and base["source_type"] == "F32":
+        return source, {**base, "cache_hit": hit, "entry": file_entry(entry, SOURCE)}
+    (_, quantize_s), quantize_peak = _measured(
+        lambda: _atomic(target, lambda tmp: quantize(source, tmp, variant, threads)))
+    facts = {"convert_s": base["convert_s"], "quantize_s": quantize_s, "source_type": base["source_type"],
+             "convert_peak_bytes": base["convert_peak_bytes"], "quantize_peak_bytes": quantize_peak,
              "source": f"llama_model_quantize({variant}) of the {base['source']}"}
     write_manifest(entry, [target.name], facts, name=f"{variant}.json")
     return target, {**facts, "cache_hit": False, "entry": file_entry(entry, variant)}

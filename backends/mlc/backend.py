@@ -123,6 +123,22 @@ class MLCBackend(Backend):
             return "float16"
         return "float32"
 
+    # --- the pre-flight estimate (backends.footprint) ------------------------------------------
+    def weight_bytes_estimate(self, shape) -> int:
+        """Each matrix (embedding included, in ``embed_mode``) at the mode's bits plus one scale
+        per group; norms in the compute dtype."""
+
+        def per_param(mode) -> float:
+            if not mode.quantized:
+                return np.dtype(mode.scale_dtype).itemsize
+            return 4 / mode.per_word + np.dtype(mode.scale_dtype).itemsize / mode.group_size
+
+        return shape.weight_bytes(linear=per_param(self.mode), embed=per_param(self.embed_mode),
+                                  norm=np.dtype(self.compute_dtype).itemsize)
+
+    def kv_element_bytes(self) -> float:
+        return float(np.dtype(self.compute_dtype).itemsize)
+
     # --- preparation and load ---------------------------------------------------------------
     def _config(self, directory: Path):
         from backends.mlc.model import LlamaConfig, UnsupportedModel

@@ -304,6 +304,7 @@ def get_or_build(
             "export_s": float(timings.get("export_s", 0.0)),
             "quantize_s": float(timings.get("quantize_s", 0.0)),
             "artifact_bytes": int(sum(sizes)),
+            **{k: int(v) for k, v in timings.items() if k.endswith("_peak_bytes") and v is not None},
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **graph_facts(staging / MODEL_FILE),
         }

@@ -43,6 +43,14 @@ from backends.tokens import left_pad, stop_token_set
 DEFAULT_INT8_EXCLUDE_PATTERNS = ("/mlp/down_proj/", "/layers.0/", "/layers.{last}/")
 
 
+
+# Peak memory optimum's export adds, per byte of fp32 weights (backends.memory.StepPeak around
+# export_decoder, this machine, optimum-onnx of pyproject.toml): tiny-llama 220 MB for 12.9 MB;
+# SmolLM2-135M 2.67 GB for 538 MB (x4.96); bf16 Llamas of 158 M and 442 M parameters 2.71 GB for
+# 633 MB (x4.27) and 7.42 GB for 1.77 GB (x4.20). Llama-3-8B would need about 160 GB.
+EXPORT_PEAK_PER_FP32_BYTE = 5.0
+EXPORT_PEAK_CONSTANT = 256 * 2**20
+
 class OnnxOptions(BackendOptions):
     """``onnx`` options; ``threads`` is ONNX Runtime's ``intra_op_num_threads`` (inter-op: 1)."""
 
@@ -160,12 +168,45 @@ class OnnxRuntimeBackend(Backend):
             return self.int4_settings().to_dict()
         return {"method": "none", "task": artifacts.EXPORT_TASK}
 
+    # --- the pre-flight estimate (backends.footprint) ----------------------------------------
+    def weight_bytes_estimate(self, shape) -> int:
+        """MatMul weights at the variant's size (int8: 1 byte; int4: 4 bits and an fp32 scale per
+        block), the embedding (a Gather) and norms fp32. int8 keeps its default exclusions fp32
+        (every down_proj, the first and last layers; other exclusion lists are estimated as the
+        default). The lm_head is counted even when tied: the graph holds its own copy."""
+        if self.variant == "fp32":
+            linear = 4.0
+            quantized = shape.linear_params
+        elif self.variant == "int8":
+            linear = 1.0
+            quantized = shape.linear_params
+            if self.options.int8_exclude != "none":
+                per_layer = shape.linear_params // shape.layers
+                quantized = max(0, shape.layers - 2) * (per_layer - shape.hidden * shape.intermediate)
+        else:
+            linear = 0.5 + 4 / self.options.int4_block_size
+            quantized = shape.linear_params
+        # a tied lm_head stays fp32 in both quantizers (tiny-llama's and SmolLM2's int8 and int4
+        # graphs list it as kept)
+        head = shape.vocab * shape.hidden * (4.0 if shape.tied else linear)
+        return int(quantized * linear + (shape.linear_params - quantized) * 4 + shape.embed_params * 4
+                   + head + shape.norm_params * 4)
+
+    def preparation_bytes_estimate(self, shape) -> int:
+        """optimum's export (torch tracing and the ONNX protobuf) holds several copies of the fp32
+        weights: ``EXPORT_PEAK_PER_FP32_BYTE`` x the fp32 parameter bytes, measured."""
+        return int(EXPORT_PEAK_PER_FP32_BYTE * shape.params * 4) + EXPORT_PEAK_CONSTANT
+
     # --- building the graph ------------------------------------------------------------------
     def _fp32_artifact(self, directory: Path, identity: str) -> artifacts.Artifact:
         from backends.onnx.export import export_decoder
 
         def build(target: Path) -> dict[str, float]:
-            return {"export_s": export_decoder(directory, target)}
+            from backends.memory import StepPeak
+
+            with StepPeak() as peak:
+                seconds = export_decoder(directory, target)
+            return {"export_s": seconds, "export_peak_bytes": peak.growth_bytes}
 
         return artifacts.get_or_build(
             self.spec.name, "fp32", identity, {"method": "none", "task": artifacts.EXPORT_TASK},
@@ -188,24 +229,32 @@ class OnnxRuntimeBackend(Backend):
         settings = self.settings(n_layers)
 
         def build(target: Path) -> dict[str, float]:
-            from backends.onnx.quantize import quantize_int4, quantize_int8
+            from backends.memory import StepPeak
 
             exclude = self._expand_exclusions(fp32.model_path, settings["exclude"])
-            if self.variant == "int8":
-                base = self.int8_settings(n_layers)
-                seconds = quantize_int8(fp32.model_path, target / artifacts.MODEL_FILE,
-                                        Int8Settings(base.per_channel, base.reduce_range, exclude))
-            else:
-                base = self.int4_settings()
-                seconds = quantize_int4(fp32.model_path, target / artifacts.MODEL_FILE,
-                                        Int4Settings(base.block_size, base.symmetric, base.accuracy_level,
-                                                     base.algorithm, exclude))
-            return {"export_s": fp32.manifest["export_s"], "quantize_s": seconds}
+            with StepPeak() as peak:
+                seconds = self._quantize(fp32.model_path, target, n_layers, exclude)
+            return {"export_s": fp32.manifest["export_s"], "quantize_s": seconds,
+                    "export_peak_bytes": fp32.manifest.get("export_peak_bytes"),
+                    "quantize_peak_bytes": peak.growth_bytes}
 
         artifact = artifacts.get_or_build(self.spec.name, self.variant, identity, settings, build,
                                           check=self._check_loads)
         artifact.export_done_now = not fp32.cache_hit
         return artifact
+
+    def _quantize(self, source: Path, target: Path, n_layers: int, exclude: tuple[str, ...]) -> float:
+        """Quantize the fp32 graph ``source`` into ``target`` for this variant; returns seconds."""
+        from backends.onnx.quantize import quantize_int4, quantize_int8
+
+        if self.variant == "int8":
+            base = self.int8_settings(n_layers)
+            return quantize_int8(source, target / artifacts.MODEL_FILE,
+                                 Int8Settings(base.per_channel, base.reduce_range, exclude))
+        base = self.int4_settings()
+        return quantize_int4(source, target / artifacts.MODEL_FILE,
+                             Int4Settings(base.block_size, base.symmetric, base.accuracy_level,
+                                          base.algorithm, exclude))
 
     @staticmethod
     def _n_layers(directory: Path) -> int:
@@ -241,8 +290,9 @@ class OnnxRuntimeBackend(Backend):
         self.cached_entry = artifacts.cache_entry(self.artifact.directory) if self.artifact.cache_hit else None
         self._weight_groups = artifacts.cached_weight_groups(self.artifact.directory, self.artifact.model_path)
         manifest = self.artifact.manifest
+        peaks = [manifest[k] for k in ("export_peak_bytes", "quantize_peak_bytes") if manifest.get(k) is not None]
         return Preparation(export_s=manifest["export_s"], quantize_s=manifest["quantize_s"],
-                           artifact_bytes=int(manifest["artifact_bytes"]),
+                           artifact_bytes=int(manifest["artifact_bytes"]), peak_rss_bytes=max(peaks, default=None),
                            artifact_dir=str(self.artifact.directory), cache_hit=self.artifact.cache_hit)
 
     def _load(self, model: ModelSpec, directory: Path) -> LoadedModel:
