@@ -9,6 +9,7 @@ compiling backends (ONNX, TVM) read the same directory, so every backend sees id
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -181,6 +182,22 @@ def file_identity(path: str) -> str:
     return f"{path}:{stat.st_size}:{int(stat.st_mtime)}"
 
 
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file's bytes (hashed once per process for a given size and mtime: the
+    embedded GGUF, 80 MB, takes about 0.2 s)."""
+    stat = Path(path).stat()
+    return _sha256_of(str(path), stat.st_size, stat.st_mtime_ns)
+
+
 def checkpoint_identity(directory: Path) -> str:
     """A string that changes when the checkpoint in ``directory`` changes: its resolved path, the
     sha256 of ``config.json`` and the size and mtime of every weight file."""
@@ -228,10 +245,10 @@ def checkpoint_dir(spec: ModelSpec) -> Path:
                 f"model {spec.name}: cannot fetch {spec.location} from the Hub "
                 f"({type(exc).__name__}); use --random-weights for speed/memory runs"
             ) from None
+    # keyed by content, not path: a second clone or virtual environment finds the same entry
+    key_parts = (file_sha256(spec.location), transformers.__version__, str(RANDOM_SEED))
     if spec.source == "random":
-        key_parts = (spec.location, transformers.__version__, str(RANDOM_SEED), str(RANDOM_BUILDER))
-    else:
-        key_parts = (file_identity(spec.location), transformers.__version__, str(RANDOM_SEED))
+        key_parts += (str(RANDOM_BUILDER),)
     key = _fingerprint(spec.source, *key_parts)
     target = cache_root() / "checkpoints" / f"{Path(spec.name).name}-{spec.source}-{key}"
     entry = checkpoint_entry(target)

@@ -92,32 +92,57 @@ class SafetensorsCheckpoint:
         """Tensor names in file order (files sorted by name)."""
         return list(self.tensors)
 
-    def raw(self, name: str) -> np.ndarray:
-        """The stored values of ``name`` (bf16 as uint16 bit patterns), read into new memory.
-
-        Raises:
-            KeyError: no such tensor. ValueError: a dtype this module does not know.
-        """
-        info = self.tensors[name]
-        if info.dtype not in STORED:
-            raise ValueError(f"{name}: safetensors dtype {info.dtype} is not supported")
-        out = np.empty(info.shape, STORED[info.dtype])
+    def _read_into(self, info: TensorInfo, out: np.ndarray) -> None:
+        """Read the stored bytes of ``info`` into the contiguous array ``out`` (same byte size)."""
         view = memoryview(out.reshape(-1).view(np.uint8))
         with open(info.path, "rb", buffering=0) as handle:
             done = 0
             while done < info.nbytes:  # pread may return less than asked for large reads
                 count = os.preadv(handle.fileno(), [view[done:]], info.start + done)
                 if count <= 0:
-                    raise OSError(f"{info.path}: short read of {name}")
+                    raise OSError(f"{info.path}: short read of {info.name}")
                 done += count
+
+    def _info(self, name: str) -> TensorInfo:
+        info = self.tensors[name]
+        if info.dtype not in STORED:
+            raise ValueError(f"{name}: safetensors dtype {info.dtype} is not supported")
+        return info
+
+    def raw(self, name: str) -> np.ndarray:
+        """The stored values of ``name`` (bf16 as uint16 bit patterns), read into new memory.
+
+        Raises:
+            KeyError: no such tensor. ValueError: a dtype this module does not know.
+        """
+        info = self._info(name)
+        out = np.empty(info.shape, STORED[info.dtype])
+        self._read_into(info, out)
         return out
 
     def float32(self, name: str) -> np.ndarray:
-        """``name`` as float32 (bf16 and f16 widened exactly)."""
-        values = self.raw(name)
-        if self.tensors[name].dtype == "BF16":
-            return bf16_to_f32(values)
-        return values.astype(np.float32, copy=False)
+        """``name`` as float32 (bf16 and f16 widened exactly), in exactly the memory of the float32
+        result: 16-bit values are read into the second half of the result's own buffer and widened
+        front to back in chunks, each chunk copied out before the words it overwrites (word ``i``
+        ends at byte ``4(i+1)``, at or before where the unread value ``i+1`` starts, ``2n + 2(i+1)``).
+        """
+        info = self._info(name)
+        if info.dtype not in ("BF16", "F16"):
+            return self.raw(name).astype(np.float32, copy=False)
+        n = int(np.prod(info.shape, dtype=np.int64))
+        words = np.empty(n, np.uint32)
+        stored = words.view(np.uint16)[n:]  # bytes [2n, 4n) of the result
+        self._read_into(info, stored)
+        result = words.view(np.float32)
+        step = 1 << 20
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            chunk = stored[start:stop].copy()
+            if info.dtype == "BF16":
+                words[start:stop] = chunk.astype(np.uint32) << np.uint32(16)
+            else:
+                result[start:stop] = chunk.view(np.float16).astype(np.float32)
+        return result.reshape(info.shape)
 
 
 class SafetensorsWriter:

@@ -157,3 +157,19 @@ def test_mlc_fused_weight_converted_from_parts_equals_quantizing_the_concatenati
     tile = column_tile(128, 32)
     assert np.array_equal(got["mlp.gate_up_proj.q_weight"], to_column_tiles(packed, tile))
     assert np.array_equal(got["mlp.gate_up_proj.q_scale"], to_column_tiles(scale, tile))
+
+
+def test_reading_bf16_and_f16_as_float32_widens_exactly_across_chunks(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from backends.safetensors_io import SafetensorsCheckpoint
+
+    values = torch.randn(3001, 517)  # 1.55 M values: more than one widening chunk (1 M)
+    save_file({"b": values.to(torch.bfloat16), "h": values.to(torch.float16), "f": values},
+              str(tmp_path / "model.safetensors"))
+    checkpoint = SafetensorsCheckpoint(tmp_path)
+    assert np.array_equal(checkpoint.float32("b"), values.to(torch.bfloat16).float().numpy())
+    assert np.array_equal(checkpoint.float32("h"), values.to(torch.float16).float().numpy())
+    assert np.array_equal(checkpoint.float32("f"), values.numpy())
+    assert checkpoint.float32("b").dtype == np.float32 and checkpoint.float32("b").shape == (3001, 517)
