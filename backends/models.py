@@ -224,7 +224,9 @@ def checkpoint_dir(spec: ModelSpec) -> Path:
     GGUF models are converted once (transformers ``gguf_file=``) and cached; random-weight models
     are initialised with seed 0 and cached with the embedded model's tokenizer as a stand-in (token
     identity does not matter to speed). Hub models resolve through the local Hub cache. The cache
-    key includes the transformers version, so an upgrade re-converts. A converted entry is built in
+    key hashes the GGUF's or the config's bytes (not their path: another clone or virtual
+    environment reuses the entry), the transformers version (an upgrade re-converts) and, for
+    random weights, the seed and ``RANDOM_BUILDER``. A converted entry is built in
     a staging directory, published with its manifest (``checkpoint_entry``) and checked against it
     on every call: a corrupt or incomplete one is discarded and converted again, with a note.
 
