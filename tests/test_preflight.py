@@ -86,3 +86,20 @@ def test_a_variant_that_cannot_fit_is_skipped_before_anything_is_built(tmp_path)
         assert "GiB available" in record["error"]
     assert not (cache / "checkpoints").exists() or not any((cache / "checkpoints").glob("huge-*"))
     assert "does not fit in host memory" in (out / "report.md").read_text()
+
+
+def test_a_variant_that_fits_runs_and_its_record_carries_the_estimate(tmp_path, data_dir):
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "harness", "run", "--model", "tiny-llama", "--backends", "hf:fp32",
+         "--workloads", "latency", "--input-lens", "16", "--output-len", "4", "--warmup", "0",
+         "--repetitions", "1", "--out", str(out)],
+        cwd=REPO, env={**os.environ, "HARNESS_DATA_DIR": str(data_dir)}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((out / "results.jsonl").read_text().splitlines()[0])
+    assert record["status"] == "ok"
+    estimate = record["load"]["details"]["memory_estimate"]
+    assert (estimate["tokens"], estimate["batch"]) == (20, 1)  # 16 prompt + 4 new tokens
+    # fp32: every parameter at 4 bytes (the loaded model also holds RoPE's 8 inv_freq floats)
+    assert abs(estimate["weights_bytes"] - record["load"]["weight_bytes"]) <= 64
+    assert 0 < estimate["host_bytes"] < estimate["host_available_bytes"]
