@@ -120,6 +120,8 @@ class LoadMemory:
     - ``model_resident_bytes``: after - before: the weights and whatever else the engine keeps
       for the model (graphs, compiled modules, a KV cache preallocated at load), including
       memory-mapped weight pages once touched;
+    - ``load_peak_rss_bytes``: the peak RSS while loading (``StepPeak``: the kernel's mark), which
+      for a quantize-on-load engine (bitsandbytes) is the memory its quantization needed;
     - ``malloc_trim``: ``"called"`` or ``"skipped: <reason>"``;
     - with CUDA in use by torch: ``cuda_allocated_before_load_bytes``,
       ``cuda_allocated_after_load_bytes``, ``model_resident_cuda_allocated_bytes`` (torch's
@@ -140,12 +142,15 @@ class LoadMemory:
         self.rss_before = rss_bytes()
         cuda = _torch_cuda()
         self.cuda_before = cuda.memory_allocated() if cuda is not None else None
+        self.peak = StepPeak().__enter__()
 
     def finish(self) -> dict[str, Any]:
+        self.peak.__exit__(None, None, None)
         trim = malloc_trim()
         after = rss_bytes()
         out: dict[str, Any] = {"rss_before_load_bytes": self.rss_before, "rss_after_load_bytes": after,
                                "model_resident_bytes": after - self.rss_before,
+                               "load_peak_rss_bytes": self.peak.peak_bytes,
                                "malloc_trim": trim if trim != "called" else self.trim}
         cuda = _torch_cuda()
         if cuda is not None:

@@ -59,7 +59,9 @@ def _first(records: list[dict[str, Any]], key: str) -> Any:
 
 def _preparation_rows(records: list[dict[str, Any]]) -> list[list[str]]:
     """One-time costs each backend variant reported (``load.prepare``): seconds and sizes, and
-    whether its artifact cache was hit; ``checkpoint_s`` is the shared checkpoint conversion."""
+    whether its artifact cache was hit; ``checkpoint_s`` is the shared checkpoint conversion;
+    ``*peak*_bytes`` the memory a preparation step added at its peak; and the peak RSS while
+    loading (``load.load_peak_rss_bytes``)."""
     seen, rows = set(), []
     for r in records:
         prepare = (r.get("load") or {}).get("prepare") or {}
@@ -76,6 +78,9 @@ def _preparation_rows(records: list[dict[str, Any]]) -> list[list[str]]:
                 parts.append(f"{key} {value:.2f}")
         if prepare.get("cache_hit") is not None:
             parts.append("cache hit" if prepare["cache_hit"] else "built now")
+        load_peak = (r.get("load") or {}).get("load_peak_rss_bytes")
+        if isinstance(load_peak, (int, float)):  # quantize-on-load engines (bnb) prepare here
+            parts.append(f"peak RSS while loading {load_peak / MB:.1f} MB")
         if parts:
             rows.append([r["label"], ", ".join(parts)])
     return rows
