@@ -142,7 +142,7 @@ class LoadMemory:
         self.rss_before = rss_bytes()
         cuda = _torch_cuda()
         self.cuda_before = cuda.memory_allocated() if cuda is not None else None
-        self.peak = StepPeak().__enter__()
+        self.peak = StepPeak(trim=False).__enter__()
 
     def finish(self) -> dict[str, Any]:
         self.peak.__exit__(None, None, None)
@@ -291,14 +291,16 @@ class StepPeak:
         method: ``"VmHWM"`` or ``"sampled"``.
     """
 
-    def __init__(self):
+    def __init__(self, trim: bool = True):
+        self.trim = trim  # False where the caller has just trimmed (LoadMemory)
         self.start_bytes = self.peak_bytes = self.growth_bytes = 0
         self.method = ""
         self._sampler: PeakMemorySampler | None = None
         self._inner_peak = 0
 
     def __enter__(self) -> "StepPeak":
-        malloc_trim()
+        if self.trim:
+            malloc_trim()
         self.start_bytes = rss_bytes()
         for outer in _OPEN_STEPS:  # what the outer steps reached so far, before the mark is reset
             outer._inner_peak = max(outer._inner_peak, _read_hwm() or 0)
