@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 import numpy as np
 
 from backends.artifact_cache import CacheEntry, collect_rebuilds, note_rebuild
-from backends.models import ModelError, ModelSpec, checkpoint_dir, checkpoint_facts, prepare_seconds
+from backends.models import ModelError, ModelSpec, checkpoint_dir, checkpoint_facts
 from backends.options import BackendOptions, OptionError, parse_options
 from backends.scoring import CompactLogprobs, compact_topk, target_logprobs, topk_agreement
 from backends.tokens import SpecialTokens, check_prompts
@@ -104,6 +104,13 @@ class Preparation:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def largest_peak(*peaks: int | None) -> int | None:
+    """The largest of some preparation steps' peaks (bytes), for ``Preparation.peak_rss_bytes``;
+    steps that were not measured (None: an entry built before peaks were recorded) are left out,
+    None when none was."""
+    return max((p for p in peaks if p is not None), default=None)
 
 
 @dataclass
@@ -370,8 +377,9 @@ class Backend(abc.ABC):
         """One attempt of ``load`` after the checkpoint: prepare, ``_load``, the first token."""
         self._prepared_s = 0.0
         preparation = self.prepare(model, directory)
-        preparation.checkpoint_s = prepare_seconds(directory)
-        preparation.checkpoint_peak_bytes = checkpoint_facts(directory).get("peak_rss_bytes")
+        checkpoint = checkpoint_facts(directory)
+        preparation.checkpoint_s = checkpoint.get("prepare_s")
+        preparation.checkpoint_peak_bytes = checkpoint.get("peak_rss_bytes")
         preparation.wall_s = self._prepared_s = time.perf_counter() - started
         self.special = SpecialTokens.from_checkpoint(directory)
         self.spec = model

@@ -391,7 +391,7 @@ def build_random_checkpoint(config_path: Path, target: Path) -> dict[str, Any]:
         specs = random_tensor_specs(config)
         itemsize = np.dtype(STORED[stored]).itemsize
         shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-        size = 0
+        size = total = 0
         for name, shape in specs:
             nbytes = itemsize * math.prod(shape)
             if shards[-1] and size + nbytes > SHARD_BYTES:
@@ -399,15 +399,15 @@ def build_random_checkpoint(config_path: Path, target: Path) -> dict[str, Any]:
                 size = 0
             shards[-1].append((name, shape))
             size += nbytes
+            total += nbytes
         files = (["model.safetensors"] if len(shards) == 1 else
                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-        weight_map, total = {}, 0
+        weight_map = {}
         for file, shard in zip(files, shards):
             with SafetensorsWriter(target / file, [(n, stored, s) for n, s in shard]) as writer:
                 for name, shape in shard:
                     writer.write_chunks(name, _draw(name, shape, std, stored))
                     weight_map[name] = file
-                    total += itemsize * math.prod(shape)
         if len(files) > 1:
             (target / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
@@ -426,11 +426,6 @@ def checkpoint_facts(directory: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return facts if isinstance(facts, dict) else {}
-
-
-def prepare_seconds(directory: Path) -> float | None:
-    """Seconds the one-time conversion of a cached checkpoint took, if it was ours."""
-    return checkpoint_facts(directory).get("prepare_s")
 
 
 def load_tokenizer(spec: ModelSpec):

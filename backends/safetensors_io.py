@@ -42,6 +42,24 @@ def f32_to_bf16(values: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(values), np.uint32(0x7FC0), rounded).astype(np.uint16)
 
 
+def read_into(path: Path, offset: int, out: np.ndarray) -> np.ndarray:
+    """Fill the contiguous array ``out`` with ``out.nbytes`` bytes of ``path`` from ``offset``
+    (``pread`` into the array's own memory: no mapping of the file stays resident); returns ``out``.
+
+    Raises:
+        OSError: the file ends first.
+    """
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    with open(path, "rb", buffering=0) as handle:
+        done = 0
+        while done < out.nbytes:  # pread may return less than asked for large reads
+            count = os.preadv(handle.fileno(), [view[done:]], offset + done)
+            if count <= 0:
+                raise OSError(f"{path}: short read at byte {offset + done}")
+            done += count
+    return out
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """One tensor of a safetensors file: its dtype (``"BF16"``, ``"F32"``...), shape, the file and
@@ -92,17 +110,6 @@ class SafetensorsCheckpoint:
         """Tensor names in file order (files sorted by name)."""
         return list(self.tensors)
 
-    def _read_into(self, info: TensorInfo, out: np.ndarray) -> None:
-        """Read the stored bytes of ``info`` into the contiguous array ``out`` (same byte size)."""
-        view = memoryview(out.reshape(-1).view(np.uint8))
-        with open(info.path, "rb", buffering=0) as handle:
-            done = 0
-            while done < info.nbytes:  # pread may return less than asked for large reads
-                count = os.preadv(handle.fileno(), [view[done:]], info.start + done)
-                if count <= 0:
-                    raise OSError(f"{info.path}: short read of {info.name}")
-                done += count
-
     def _info(self, name: str) -> TensorInfo:
         info = self.tensors[name]
         if info.dtype not in STORED:
@@ -116,9 +123,7 @@ class SafetensorsCheckpoint:
             KeyError: no such tensor. ValueError: a dtype this module does not know.
         """
         info = self._info(name)
-        out = np.empty(info.shape, STORED[info.dtype])
-        self._read_into(info, out)
-        return out
+        return read_into(info.path, info.start, np.empty(info.shape, STORED[info.dtype]))
 
     def float32(self, name: str) -> np.ndarray:
         """``name`` as float32 (bf16 and f16 widened exactly), in exactly the memory of the float32
@@ -132,16 +137,13 @@ class SafetensorsCheckpoint:
         n = int(np.prod(info.shape, dtype=np.int64))
         words = np.empty(n, np.uint32)
         stored = words.view(np.uint16)[n:]  # bytes [2n, 4n) of the result
-        self._read_into(info, stored)
+        read_into(info.path, info.start, stored)
         result = words.view(np.float32)
         step = 1 << 20
         for start in range(0, n, step):
             stop = min(n, start + step)
             chunk = stored[start:stop].copy()
-            if info.dtype == "BF16":
-                words[start:stop] = chunk.astype(np.uint32) << np.uint32(16)
-            else:
-                result[start:stop] = chunk.view(np.float16).astype(np.float32)
+            result[start:stop] = bf16_to_f32(chunk) if info.dtype == "BF16" else chunk.view(np.float16)
         return result.reshape(info.shape)
 
 

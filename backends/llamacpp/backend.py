@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from backends.base import (Availability, Backend, BackendError, GenerationOutput, GenerationRequest, LoadedModel,
-                           Preparation, ScoringWindow)
+                           Preparation, ScoringWindow, largest_peak)
 from backends.decoding import greedy_decode
 from backends.kv import kv_bytes_per_token
 from backends.llamacpp.gguf_files import FTYPES, UnsupportedModel, tensor_types, variant_file, weight_groups
@@ -159,9 +159,8 @@ class LlamaCppBackend(Backend):
         self._source = facts["source"]
         self.cached_entry = facts["entry"] if facts["cache_hit"] else None
         self._weight_groups = weight_groups(self.path)
-        peaks = [p for p in (facts["convert_peak_bytes"], facts["quantize_peak_bytes"]) if p is not None]
         return Preparation(convert_s=facts["convert_s"], quantize_s=facts["quantize_s"],
-                           artifact_bytes=self.path.stat().st_size, peak_rss_bytes=max(peaks) if peaks else None,
+                           artifact_bytes=self.path.stat().st_size, peak_rss_bytes=largest_peak(facts["convert_peak_bytes"], facts["quantize_peak_bytes"]),
                            artifact_dir=str(self.path.parent), cache_hit=facts["cache_hit"])
 
     def _load(self, model: ModelSpec, directory: Path) -> LoadedModel:

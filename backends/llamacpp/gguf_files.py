@@ -47,7 +47,7 @@ import numpy as np
 from backends.artifact_cache import CacheEntry, write_manifest
 from backends.memory import StepPeak
 from backends.models import ModelSpec, cache_root, checkpoint_identity, file_identity
-from backends.safetensors_io import SafetensorsCheckpoint, bf16_to_f32
+from backends.safetensors_io import SafetensorsCheckpoint, read_into
 
 FORMAT = 2  # of the files this module writes; part of the cache key
 
@@ -88,24 +88,6 @@ def entry_dir(spec: ModelSpec, directory: Path) -> Path:
 
 
 # --- the source ----------------------------------------------------------------------------------
-def _read_bytes(path: Path, offset: int, out: np.ndarray) -> np.ndarray:
-    """Fill ``out`` with ``out.nbytes`` bytes of ``path`` from ``offset`` (``pread`` into the
-    array's own memory: no mapping of the file stays resident); returns ``out``.
-
-    Raises:
-        OSError: the file ends first.
-    """
-    view = memoryview(out.reshape(-1).view(np.uint8))
-    with open(path, "rb", buffering=0) as handle:
-        done = 0
-        while done < out.nbytes:  # pread may return less than asked for large reads
-            count = os.preadv(handle.fileno(), [view[done:]], offset + done)
-            if count <= 0:
-                raise OSError(f"{path}: short read at byte {offset + done}")
-            done += count
-    return out
-
-
 def _write_streamed(writer, arrays) -> None:
     """Write a GGUF whose tensors ``writer`` has declared (``add_tensor_info``): header, metadata,
     tensor infos, then each array ``arrays`` yields, in the declared order, one at a time; closes
@@ -162,7 +144,7 @@ def dequantize_gguf(source: Path, target: Path) -> str:
 
     def arrays():
         for tensor in reader.tensors:
-            stored = _read_bytes(source, tensor.data_offset, np.empty(tensor.data.shape, tensor.data.dtype))
+            stored = read_into(source, tensor.data_offset, np.empty(tensor.data.shape, tensor.data.dtype))
             if tensor.tensor_type == gguf.GGMLQuantizationType.F32:
                 yield stored
                 continue
@@ -223,11 +205,6 @@ def _bpe_vocabulary(directory: Path, vocab_size: int) -> tuple[list[str], list[i
 
 # safetensors float dtype -> (numpy dtype written, llama.cpp file type name); bf16 as uint16 bits
 _SOURCE_TYPES = {"F32": (np.float32, "ALL_F32"), "BF16": (np.uint16, "MOSTLY_BF16"), "F16": (np.float16, "MOSTLY_F16")}
-
-
-def _as_f32(values: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 values of a tensor stored as ``dtype`` (F32, F16 or BF16 bit patterns); exact."""
-    return bf16_to_f32(values) if dtype == "BF16" else values.astype(np.float32, copy=False)
 
 
 def write_source_from_checkpoint(directory: Path, target: Path) -> str:
@@ -309,10 +286,8 @@ def write_source_from_checkpoint(directory: Path, target: Path) -> str:
 
     def arrays():
         for key, _name, written in plan:
-            stored = checkpoint.tensors[key].dtype
-            values = checkpoint.raw(key)
-            if written != stored:
-                values = _as_f32(values, stored)
+            widen = written != checkpoint.tensors[key].dtype  # mixed types: F32 holds each exactly
+            values = checkpoint.float32(key) if widen else checkpoint.raw(key)
             if key.endswith("q_proj.weight"):
                 values = permute_qk(values, n_head)
             elif key.endswith("k_proj.weight"):

@@ -145,14 +145,6 @@ class Staging:
         publish_dir(self.path, cache_entry(self.directory))
 
 
-def save(directory: Path, executable, params: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-    """Write an entry atomically from an executable and parameters in memory (temporary
-    directory, manifest last, then rename)."""
-    with Staging(directory) as build:
-        executable.export_library(str(build.path / "lib.so"))
-        build.meta = {**meta, "names": write_params(build.path / "params.npz", params.items())}
-
-
 def load(directory: Path):
     """``(library module, params in export order, meta)`` of a complete entry; ``params`` is an
     iterator reading one array at a time, so the caller can move each to the device before the

@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from backends.base import (Availability, Backend, BackendError, GenerationOutput, GenerationRequest, LoadedModel,
-                           Preparation, ScoringWindow)
+                           Preparation, ScoringWindow, largest_peak)
 from backends.device import cpu_flags
 from backends.kv import kv_bytes_per_token
 from backends.models import ModelSpec
@@ -200,9 +200,8 @@ class MLCBackend(Backend):
         sizes = artifacts.sizes(entry)
         self._entry = entry
         self._info = {"target": str(target), "target_key": target_key(target), "artifact_dir": str(entry)}
-        peaks = [meta[k] for k in ("convert_peak_bytes", "compile_peak_bytes") if meta.get(k) is not None]
         return Preparation(convert_s=meta["convert_s"], compile_s=meta["compile_s"],
-                           artifact_bytes=sum(sizes.values()), peak_rss_bytes=max(peaks, default=None),
+                           artifact_bytes=sum(sizes.values()), peak_rss_bytes=largest_peak(meta.get("convert_peak_bytes"), meta.get("compile_peak_bytes")),
                            artifact_dir=str(entry), cache_hit=cached)
 
     def _load(self, model: ModelSpec, directory: Path) -> LoadedModel:

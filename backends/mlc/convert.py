@@ -96,10 +96,3 @@ def iter_params(checkpoint: Path | SafetensorsCheckpoint, cfg: LlamaConfig, mode
             pending.update(producers[name]())
         yield name, pending.pop(name)
 
-
-def convert(checkpoint: Path | SafetensorsCheckpoint, cfg: LlamaConfig, mode: QuantMode, dtype: str,
-            names: Iterable[str], embed_mode: QuantMode | None = None,
-            tile_width: int = 0) -> dict[str, np.ndarray]:
-    """Every parameter of ``iter_params`` in one dict (small models and tests; the backend
-    streams ``iter_params`` to disk instead)."""
-    return dict(iter_params(checkpoint, cfg, mode, dtype, names, embed_mode, tile_width))

@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from backends.base import (Availability, Backend, BackendError, GenerationOutput, GenerationRequest, LoadedModel,
-                           Preparation, ScoringWindow)
+                           Preparation, ScoringWindow, largest_peak)
 from backends.decoding import greedy_decode
 from backends.device import cuda_available
 from backends.kv import kv_bytes_per_token
@@ -290,9 +290,8 @@ class OnnxRuntimeBackend(Backend):
         self.cached_entry = artifacts.cache_entry(self.artifact.directory) if self.artifact.cache_hit else None
         self._weight_groups = artifacts.cached_weight_groups(self.artifact.directory, self.artifact.model_path)
         manifest = self.artifact.manifest
-        peaks = [manifest[k] for k in ("export_peak_bytes", "quantize_peak_bytes") if manifest.get(k) is not None]
         return Preparation(export_s=manifest["export_s"], quantize_s=manifest["quantize_s"],
-                           artifact_bytes=int(manifest["artifact_bytes"]), peak_rss_bytes=max(peaks, default=None),
+                           artifact_bytes=int(manifest["artifact_bytes"]), peak_rss_bytes=largest_peak(manifest.get("export_peak_bytes"), manifest.get("quantize_peak_bytes")),
                            artifact_dir=str(self.artifact.directory), cache_hit=self.artifact.cache_hit)
 
     def _load(self, model: ModelSpec, directory: Path) -> LoadedModel:
