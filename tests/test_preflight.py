@@ -25,7 +25,7 @@ def test_llama3_8b_shape_counts_its_published_8_03_billion_parameters():
     assert shape.kv_bytes(1, 1, 2) == 131072
 
 
-def test_on_cpu_the_host_needs_the_larger_of_preparation_and_the_run():
+def test_on_cpu_the_host_needs_the_larger_of_preparation_and_run_on_cuda_the_device_holds_the_run():
     run_bigger = MemoryEstimate.build("cpu", weights=10 * GIB, kv_cache=GIB, working=GIB, preparation=2 * GIB)
     prep_bigger = MemoryEstimate.build("cpu", weights=GIB, kv_cache=0, working=GIB, preparation=30 * GIB)
     assert run_bigger.host_bytes == 12 * GIB and prep_bigger.host_bytes == 30 * GIB
