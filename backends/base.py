@@ -32,7 +32,7 @@ import numpy as np
 from backends.artifact_cache import CacheEntry, collect_rebuilds, note_rebuild
 from backends.models import ModelError, ModelSpec, checkpoint_dir, checkpoint_facts
 from backends.options import BackendOptions, OptionError, parse_options
-from backends.scoring import CompactLogprobs, compact_topk, target_logprobs, topk_agreement
+from backends.scoring import CompactLogprobs, WindowScore, score_rows
 from backends.tokens import SpecialTokens, check_prompts
 
 if TYPE_CHECKING:
@@ -241,24 +241,6 @@ class ScoringWindow:
     @property
     def n_scored(self) -> int:
         return max(0, len(self.token_ids) - self.first_scored)
-
-
-@dataclass
-class WindowScore:
-    """What ``Backend.score_window`` returns for one window of ``n = window.n_scored`` positions.
-
-    Attributes:
-        logprobs: float64 ``[n]`` natural-log probabilities of the target tokens.
-        topk: the compact top-k distributions (``backends.scoring.CompactLogprobs``), when asked.
-        kld: float64 ``[n]`` KL divergence (nats) KLD(reference || this backend) over the
-            reference's top-k tokens plus a rest bucket, when a reference was given.
-        same_top: bool ``[n]``: this backend's argmax equals the reference's, when one was given.
-    """
-
-    logprobs: np.ndarray
-    topk: CompactLogprobs | None = None
-    kld: np.ndarray | None = None
-    same_top: np.ndarray | None = None
 
 
 class Backend(abc.ABC):
@@ -518,15 +500,10 @@ class Backend(abc.ABC):
         logits = np.asarray(self._score_logits(window), dtype=np.float32)
         if logits.ndim != 2 or logits.shape[0] != window.n_scored:
             raise BackendError(f"{self.label}: logits of shape {logits.shape} for {window.n_scored} scored tokens")
-        score = WindowScore(target_logprobs(logits, np.asarray(window.token_ids[window.first_scored:])))
-        if keep_topk:
-            score.topk = compact_topk(logits, keep_topk)
-        if reference is not None:
-            if len(reference) != window.n_scored:
-                raise BackendError(f"{self.label}: baseline has {len(reference)} positions, the window "
-                                   f"scores {window.n_scored}")
-            score.kld, score.same_top = topk_agreement(logits, reference)
-        return score
+        if reference is not None and len(reference) != window.n_scored:
+            raise BackendError(f"{self.label}: baseline has {len(reference)} positions, the window "
+                               f"scores {window.n_scored}")
+        return score_rows(logits, np.asarray(window.token_ids[window.first_scored:]), keep_topk, reference)
 
     @abc.abstractmethod
     def _score_logits(self, window: ScoringWindow) -> np.ndarray:

@@ -8,7 +8,7 @@ import torch
 
 from backends.base import ScoringWindow, backend_class
 from backends.models import load_tokenizer, resolve_model
-from backends.scoring import compact_topk, full_kld, topk_agreement
+from backends.scoring import compact_topk, full_kld, score_rows, topk_agreement
 from harness.cli import main
 from harness.plan import Job, UsageError, baseline_first
 from reports.records import read_records
@@ -169,6 +169,30 @@ def test_baseline_store_round_trips(tmp_path):
     kld, same = topk_agreement(logits[3:], topk)
     assert kld.tolist() == [0.0] * 4 and same.all()
     np.testing.assert_array_equal(logprobs, _log_softmax(logits[3:])[:, 0])
+
+
+def test_one_pass_scoring_matches_the_definitions_across_blocks():
+    """score_rows computes each row's log-softmax once and reads every statistic from it: target
+    log-probs equal the float64 definition, and asking for the top-k store and the agreement in
+    the same pass (the reduction to the reference's ids edits the shared exps, then restores them)
+    gives exactly what each gives alone; 70 rows in blocks of 32 end on a partial block."""
+    rng = np.random.default_rng(3)
+    base = (rng.normal(size=(70, 500)) * 4).astype(np.float32)
+    logits = base + rng.normal(size=base.shape).astype(np.float32)
+    targets = rng.integers(0, 500, 70)
+    reference = compact_topk(base, 16)
+    both = score_rows(logits, targets, keep_topk=16, reference=reference, chunk=32)
+    np.testing.assert_allclose(both.logprobs, _log_softmax(logits)[np.arange(70), targets], rtol=0, atol=1e-12)
+    alone = compact_topk(logits, 16, chunk=70)
+    for name in ("top", "logprobs", "ids", "log_rest"):
+        np.testing.assert_array_equal(getattr(both.topk, name), getattr(alone, name))
+    kld, same = topk_agreement(logits, reference, chunk=70)
+    np.testing.assert_array_equal(both.kld, kld)
+    np.testing.assert_array_equal(both.same_top, same)
+    assert kld.min() > 0 and 0 < same.mean() < 1  # distinct distributions: a broken restore would show
+    p = np.exp(_log_softmax(base))
+    rest = 1 - np.take_along_axis(p, reference.ids.astype(np.int64), axis=1).sum(axis=1)
+    np.testing.assert_allclose(np.exp(reference.log_rest), rest, rtol=1e-5)
 
 
 def test_first_divergent_token_of_constructed_pairs():

@@ -61,8 +61,16 @@ def test_quantized_variant_is_built_by_llama_cpp_once_and_then_cached(tiny_model
     assert built.preparation.peak_rss_bytes > 0  # the larger of writing the source and quantizing
     assert built.details["tensor_types"].get("Q8_0", 0) > 0
     first.close()
+    import gguf
+
+    def unread(*args, **kwargs):
+        raise AssertionError("a cache hit re-read the GGUF's tensor infos")
+
+    monkeypatch.setattr(gguf, "GGUFReader", unread)  # the hit takes the tensor summary from the manifest
     again = backend_class("llamacpp")("q8_0", {"threads": 2})
     hit = again.load(tiny_model)
+    assert hit.details["tensor_types"] == built.details["tensor_types"]
+    assert again.info()["quantization"]["quantized"] == first.info()["quantization"]["quantized"] != []
     assert hit.preparation.cache_hit is True and hit.preparation.quantize_s == built.preparation.quantize_s
     assert hit.preparation.peak_rss_bytes == built.preparation.peak_rss_bytes
     assert (tmp_path / "llamacpp").is_dir() and hit.preparation.artifact_dir.startswith(str(tmp_path))

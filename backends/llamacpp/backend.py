@@ -24,7 +24,7 @@ from backends.base import (Availability, Backend, BackendError, GenerationOutput
                            Preparation, ScoringWindow, largest_peak)
 from backends.decoding import greedy_decode
 from backends.kv import kv_bytes_per_token
-from backends.llamacpp.gguf_files import FTYPES, UnsupportedModel, tensor_types, variant_file, weight_groups
+from backends.llamacpp.gguf_files import FTYPES, UnsupportedModel, variant_file
 from backends.models import ModelSpec
 from backends.options import BackendOptions
 from backends.tokens import stop_token_set
@@ -158,7 +158,8 @@ class LlamaCppBackend(Backend):
             raise BackendError(f"{self.label}: {exc}") from None
         self._source = facts["source"]
         self.cached_entry = facts["entry"] if facts["cache_hit"] else None
-        self._weight_groups = weight_groups(self.path)
+        self._weight_groups = facts["tensors"]["weight_groups"]
+        self._tensor_types = facts["tensors"]["tensor_types"]
         return Preparation(convert_s=facts["convert_s"], quantize_s=facts["quantize_s"],
                            artifact_bytes=self.path.stat().st_size, peak_rss_bytes=largest_peak(facts["convert_peak_bytes"], facts["quantize_peak_bytes"]),
                            artifact_dir=str(self.path.parent), cache_hit=facts["cache_hit"])
@@ -176,7 +177,6 @@ class LlamaCppBackend(Backend):
                                                      llama.llama_model_n_head_kv(self._model), head_dim, 2)
         self._ensure_context(self.options.n_ctx or 512)
         self._batch = llama.llama_batch_init(max(self.options.n_batch, self.options.max_batch), 0, 1)
-        self._tensor_types = tensor_types(self.path)  # read once: info() is called after every cell
         return LoadedModel(int(llama.llama_model_size(self._model)),
                            {"source": self._source, "tensor_types": self._tensor_types})
 

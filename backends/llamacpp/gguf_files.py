@@ -325,7 +325,7 @@ def file_entry(entry: Path, variant: str) -> CacheEntry:
     return CacheEntry(Path(entry), name=f"{variant}.json", files=(f"{variant}.gguf",), label="llama.cpp cache entry")
 
 
-_FACTS = ("convert_s", "quantize_s", "source", "source_type", "convert_peak_bytes", "quantize_peak_bytes")
+_FACTS = ("convert_s", "quantize_s", "source", "source_type", "convert_peak_bytes", "quantize_peak_bytes", "tensors")
 
 
 def _cached_facts(entry: Path, variant: str) -> dict[str, Any] | None:
@@ -359,9 +359,10 @@ def variant_file(spec: ModelSpec, directory: Path, variant: str, threads: int) -
         ``convert_peak_bytes`` / ``quantize_peak_bytes`` (the resident memory each step added,
         ``backends.memory.StepPeak``; None where there was no such step or an older entry did not
         record it), ``source_type`` (the source's GGUF type: ``"F32"``, ``"BF16"``, ``"F16"``),
-        ``cache_hit``, ``source`` (what the file was made from) and ``entry`` (the file's
-        ``CacheEntry``; None for the shipped Q4_1 file, which is not ours). Seconds and bytes are
-        those measured when the file was built, on a cache hit too.
+        ``cache_hit``, ``source`` (what the file was made from), ``tensors`` (the file's
+        ``tensor_summary``, kept in its manifest) and ``entry`` (the file's ``CacheEntry``; None
+        for the shipped Q4_1 file, which is not ours). Seconds and bytes are those measured when
+        the file was built, on a cache hit too.
 
     Raises:
         UnsupportedModel: the checkpoint cannot be written as GGUF.
@@ -373,9 +374,13 @@ def variant_file(spec: ModelSpec, directory: Path, variant: str, threads: int) -
     if spec.source == "gguf" and variant == "q4_1" and Path(spec.location).name.lower().endswith("q4_1.gguf"):
         return Path(spec.location), {"convert_s": 0.0, "quantize_s": 0.0, "convert_peak_bytes": None,
                                       "quantize_peak_bytes": None, "source_type": "Q4_1", "cache_hit": True,
-                                      "entry": None, "source": "the shipped Q4_1 file, as it is"}
+                                      "entry": None, "source": "the shipped Q4_1 file, as it is",
+                                      "tensors": tensor_summary(Path(spec.location))}
     cached = _cached_facts(entry, variant)
     if cached is not None:
+        if cached["tensors"] is None:  # an entry from before the summary was kept: read it once, keep it
+            cached["tensors"] = tensor_summary(target)
+            write_manifest(entry, [target.name], cached, name=f"{variant}.json")
         return target, {**cached, "cache_hit": True, "entry": file_entry(entry, variant)}
     source = entry / f"{SOURCE}.gguf"
     base = _cached_facts(entry, SOURCE)
@@ -390,15 +395,18 @@ def variant_file(spec: ModelSpec, directory: Path, variant: str, threads: int) -
                 lambda: _atomic(source, lambda tmp: write_source_from_checkpoint(directory, tmp)))
             origin = f"{source_type} written from the transformers checkpoint"
         base = {"convert_s": convert_s, "quantize_s": 0.0, "source": origin, "source_type": source_type,
-                "convert_peak_bytes": peak, "quantize_peak_bytes": None}
+                "convert_peak_bytes": peak, "quantize_peak_bytes": None, "tensors": tensor_summary(source)}
         write_manifest(entry, [source.name], base, name=f"{SOURCE}.json")
     if variant == "f32" and base["source_type"] == "F32":
+        if base["tensors"] is None:
+            base["tensors"] = tensor_summary(source)
+            write_manifest(entry, [source.name], base, name=f"{SOURCE}.json")
         return source, {**base, "cache_hit": hit, "entry": file_entry(entry, SOURCE)}
     (_, quantize_s), quantize_peak = _measured(
         lambda: _atomic(target, lambda tmp: quantize(source, tmp, variant, threads)))
     facts = {"convert_s": base["convert_s"], "quantize_s": quantize_s, "source_type": base["source_type"],
              "convert_peak_bytes": base["convert_peak_bytes"], "quantize_peak_bytes": quantize_peak,
-             "source": f"llama_model_quantize({variant}) of the {base['source']}"}
+             "source": f"llama_model_quantize({variant}) of the {base['source']}", "tensors": tensor_summary(target)}
     write_manifest(entry, [target.name], facts, name=f"{variant}.json")
     return target, {**facts, "cache_hit": False, "entry": file_entry(entry, variant)}
 
@@ -406,22 +414,33 @@ def variant_file(spec: ModelSpec, directory: Path, variant: str, threads: int) -
 UNQUANTIZED_TYPES = ("F32", "F16", "BF16", "F64")
 
 
-def weight_groups(path: Path) -> dict[str, list[str]]:
-    """Which weight matrices a GGUF file holds quantized and which unquantized, by kind
-    (``blk.N.attn_q.weight`` -> ``attn_q``; ``token_embd``, ``output``), with llama.cpp's tensor
-    types and how many tensors of the kind have each (``attn_v (Q6_K 15/30, Q4_K 15/30)``).
-    Only tensors of two or more dimensions are listed (norm vectors stay F32). Same return shape
-    as ``backends.hf.backend.weight_groups``."""
+def tensor_summary(path: Path) -> dict[str, Any]:
+    """What llama.cpp's quantizer chose for each tensor of a GGUF file, from one read of its
+    tensor infos (``gguf.GGUFReader``, ~2 s for SmolLM2: it parses the vocabulary too, which is
+    why the summary is kept in the variant's manifest instead of being read on every load).
+
+    Returns:
+        ``{"tensor_types": {type: count}, "weight_groups": {"quantized": [...], "kept": [...]}}``:
+        how many tensors of each llama.cpp type (k-quants fall back per tensor where rows are not
+        a multiple of 256), and which weight matrices are held quantized and which unquantized,
+        by kind (``blk.N.attn_q.weight`` -> ``attn_q``; ``token_embd``, ``output``) with their
+        types and how many tensors of the kind have each (``attn_v (Q6_K 15/30, Q4_K 15/30)``).
+        Only tensors of two or more dimensions are in the groups (norm vectors stay F32); the
+        groups have the shape of ``backends.hf.backend.weight_groups``.
+    """
     import gguf
 
+    counts: dict[str, int] = {}
     types: dict[str, dict[str, int]] = {}
     for tensor in gguf.GGUFReader(str(path)).tensors:
+        name = tensor.tensor_type.name
+        counts[name] = counts.get(name, 0) + 1
         if len([d for d in tensor.shape if d > 1]) < 2:
             continue
         parts = tensor.name.split(".")
         kind = parts[2] if parts[0] == "blk" and len(parts) > 2 else parts[0]
         by_type = types.setdefault(kind, {})
-        by_type[tensor.tensor_type.name] = by_type.get(tensor.tensor_type.name, 0) + 1
+        by_type[name] = by_type.get(name, 0) + 1
 
     def describe(kind: str, wanted: bool) -> str | None:
         by_type = types[kind]
@@ -431,17 +450,11 @@ def weight_groups(path: Path) -> dict[str, list[str]]:
             return None
         return f"{kind} (" + ", ".join(t if n == total else f"{t} {n}/{total}" for t, n in sorted(chosen.items())) + ")"
 
-    quantized = [text for kind in types if (text := describe(kind, True))]
-    kept = [text for kind in types if (text := describe(kind, False))]
-    return {"quantized": quantized, "kept": kept}
+    groups = {"quantized": [text for kind in types if (text := describe(kind, True))],
+              "kept": [text for kind in types if (text := describe(kind, False))]}
+    return {"tensor_types": dict(sorted(counts.items())), "weight_groups": groups}
 
 
 def tensor_types(path: Path) -> dict[str, int]:
-    """How many tensors of each llama.cpp type a GGUF file holds (what the quantizer chose: k-quants
-    fall back per tensor where rows are not a multiple of 256)."""
-    import gguf
-
-    counts: dict[str, int] = {}
-    for tensor in gguf.GGUFReader(str(path)).tensors:
-        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
-    return dict(sorted(counts.items()))
+    """How many tensors of each llama.cpp type a GGUF file holds (``tensor_summary``)."""
+    return tensor_summary(path)["tensor_types"]

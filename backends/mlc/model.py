@@ -10,10 +10,10 @@ unpacks and scales it in the inner loop, so the compiler emits one fused dequant
 and a full-precision weight is never materialised (see ``quant.py`` for the storage layout).
 
 Exported functions (``export_tvm``):
-    ``embed``/``prefill(ids[1, n], logit_pos[b], kv, params) -> logits[1, b, V]`` (ragged prefill of
-    ``b`` sequences concatenated, logits at each sequence's last position);
+    ``prefill(ids[1, n], logit_pos[b], kv, params) -> logits[1, b, V]`` (ragged prefill of
+    sequences concatenated; logits only at the ``b`` positions asked for: each sequence's last in
+    generation, every scored position in perplexity, so the LM head never runs on context rows);
     ``decode(ids[b, 1], kv, params) -> logits[b, 1, V]``;
-    ``score(ids[1, n], kv, params) -> logits[1, n, V]`` (every position, for perplexity);
     ``create_tir_paged_kv_cache(max_batch, max_total_len, prefill_chunk, page_size, sliding)``.
 Logits are float32.
 """
@@ -102,7 +102,7 @@ def build_model(cfg: LlamaConfig, mode: QuantMode, dtype: str, embed_mode: Quant
     from tvm.relax.frontend.nn import Tensor, op
 
     # While tracing ``decode`` the linear layers are emitted as "qmv" (rows = batch, usually 1) so
-    # the scheduler gives them a GEMV schedule, and the prefill/score ones as "qmm" (GEMM tiles).
+    # the scheduler gives them a GEMV schedule, and the prefill ones as "qmm" (GEMM tiles).
     tracing = {"decode": False}
 
     def weight_expr(params, k, j, mode):
@@ -259,9 +259,6 @@ def build_model(cfg: LlamaConfig, mode: QuantMode, dtype: str, embed_mode: Quant
             finally:
                 tracing["decode"] = False
 
-        def score(self, ids: Tensor, kv):
-            return self._head(self._body(ids, kv)), kv
-
         def create_tir_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size,
                                       page_size, support_sliding_window):
             from tvm import relax
@@ -308,7 +305,6 @@ def export_spec(dtype: str) -> dict[str, Any]:
         "prefill": {"ids": nn.spec.Tensor([1, "n"], "int32"), "logit_pos": nn.spec.Tensor(["b"], "int32"),
                     "kv": kv, "$": packed},
         "decode": {"ids": nn.spec.Tensor(["b", 1], "int32"), "kv": kv, "$": packed},
-        "score": {"ids": nn.spec.Tensor([1, "n"], "int32"), "kv": kv, "$": packed},
         "create_tir_paged_kv_cache": {
             "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
             "page_size": int, "support_sliding_window": int,

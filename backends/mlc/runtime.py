@@ -1,7 +1,7 @@
 """The run-time loop: a Relax VM over the compiled library, TVM's paged KV cache, greedy decoding.
 
 Protocol of one step, as MLC-LLM's engine drives the cache (``vm.builtin.kv_state_*``):
-``begin_forward(kv, seq_ids, lengths)`` -> ``prefill``/``decode``/``score`` -> ``end_forward(kv)``.
+``begin_forward(kv, seq_ids, lengths)`` -> ``prefill``/``decode`` -> ``end_forward(kv)``.
 Sequences are added before their prefill and removed when finished, so the cache holds only live
 sequences' pages.
 """
@@ -70,7 +70,7 @@ class Session:
         self._cache = None
         self._cache_capacity = (0, 0)
         self._lengths: dict[int, int] = {}
-        self._f = {name: self.vm[name] for name in ("prefill", "decode", "score", "create_tir_paged_kv_cache")}
+        self._f = {name: self.vm[name] for name in ("prefill", "decode", "create_tir_paged_kv_cache")}
         self._add = _func("vm.builtin.kv_state_add_sequence")
         self._remove = _func("vm.builtin.kv_state_remove_sequence")
         self._begin = _func("vm.builtin.kv_state_begin_forward")
@@ -225,8 +225,9 @@ class Session:
     def score_logits(self, token_ids: Sequence[int], first_scored: int) -> np.ndarray:
         """The logits that predict ``token_ids[i]`` for ``i >= first_scored``, float32
         ``[n - first_scored, vocab]``, computed through the KV cache in the calls ``score_plan``
-        gives (only the calls that hold a scored position keep their logits): with a sliding
-        window, every scored token attends to what the window + sink keep, as in generation."""
+        gives, the LM head only at the scored positions (``prefill``'s ``logit_pos``; a
+        context-only call asks for its last row): with a sliding window, every scored token
+        attends to what the window + sink keep, as in generation."""
         n = len(token_ids)
         kv = self.cache(1, -(-n // self.kv_options.page_size) * self.kv_options.page_size)
         sid = 1 << 20
@@ -236,10 +237,11 @@ class Session:
         try:
             for start in range(0, prefix, chunk):
                 stop = min(start + chunk, prefix)  # positions start..stop-1 predict start+1..stop
-                logits = self._forward("score", kv, [sid], [stop - start],
-                                       self._ids(token_ids[start:stop], (1, -1))).numpy()[0]
+                rows = list(range(max(0, first_scored - 1 - start), stop - start)) or [stop - start - 1]
+                logits = self._forward("prefill", kv, [sid], [stop - start], self._ids(token_ids[start:stop], (1, -1)),
+                                       self._ids(rows, (-1,))).numpy()[0]
                 if stop > first_scored - 1:  # row j predicts token start + j + 1
-                    picked.append(np.asarray(logits[max(0, first_scored - 1 - start):], dtype=np.float32))
+                    picked.append(np.asarray(logits, dtype=np.float32))
             for pos in range(prefix, n - 1):  # sliding window: one token per call
                 row = self.decode(kv, {sid: int(token_ids[pos])})[sid]
                 if pos >= first_scored - 1:
