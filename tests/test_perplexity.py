@@ -94,3 +94,34 @@ def test_single_window_equals_one_forward(tiny_hf):
     with torch.no_grad():
         loss = tiny_hf.model(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
     assert -np.mean(scores) == pytest.approx(loss, rel=1e-5)
+
+
+def test_wikitext2_token_ids_are_kept_on_disk_per_tokenizer(tiny_model, data_dir, tmp_path, monkeypatch):
+    """The first worker tokenizes the text and keeps the ids; the next reads them without calling
+    the tokenizer; a tokenizer with another definition gets its own file."""
+    from workloads import data
+
+    monkeypatch.setenv("QUANTARENA_CACHE", str(tmp_path))
+    tokenizer = load_tokenizer(tiny_model)
+    data.wikitext2_token_ids.cache_clear()
+    first = data.wikitext2_token_ids(tokenizer)
+    assert first == tuple(tokenizer(data.wikitext2_test_text(), add_special_tokens=False)["input_ids"])
+    path = data.token_cache_path(tokenizer, data.wikitext2_test_text())
+    assert path.is_file() and path.parent == tmp_path / "tokens"
+
+    class Counting:
+        """The tokenizer, counting the calls that tokenize."""
+
+        calls = 0
+        backend_tokenizer = tokenizer.backend_tokenizer
+
+        def __call__(self, *args, **kwargs):
+            Counting.calls += 1
+            return tokenizer(*args, **kwargs)
+
+    data.wikitext2_token_ids.cache_clear()
+    assert data.wikitext2_token_ids(Counting()) == first and Counting.calls == 0
+    other = load_tokenizer(tiny_model)
+    other.add_tokens(["<an-added-token>"])
+    assert data.token_cache_path(other, data.wikitext2_test_text()) != path
+    data.wikitext2_token_ids.cache_clear()
