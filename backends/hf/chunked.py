@@ -47,7 +47,7 @@ def chunked_logits(model, cache, token_ids: Sequence[int], first_scored: int, bo
         for start, stop in bounds:
             extra = {} if mask is None else {"attention_mask": mask(start, stop)}
             # rows start..stop-1 predict start+1..stop: the LM head runs only on the scored ones
-            # (bitwise the same rows; a context-only chunk still needs one row for the call)
+            # (a context-only chunk still needs one row for the call)
             scored = stop - max(start, first_scored - 1) if stop >= first_scored else 0
             out = model(input_ids=ids[:, start:stop], past_key_values=cache, use_cache=True,
                         cache_position=torch.arange(start, stop, device=device), logits_to_keep=max(scored, 1),
