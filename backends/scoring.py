@@ -119,6 +119,7 @@ class CompactLogprobs:
 
     @classmethod
     def empty(cls, n: int, k: int) -> "CompactLogprobs":
+        """An uninitialised store for ``n`` positions of ``k`` tokens, filled block by block."""
         return cls(np.empty(n, np.float32), np.empty((n, k), np.float16), np.empty((n, k), np.int32),
                    np.empty(n, np.float32))
 

@@ -95,26 +95,21 @@ def host_overhead(spec, variant: str, options: dict, prompt: list[int], steps: i
     temporary cache that is deleted afterwards."""
     import os
     import tempfile
+    from unittest import mock
 
     from backends.base import backend_class
     from backends.models import checkpoint_dir
 
     config = Path(spec.location) if spec.random_weights else checkpoint_dir(spec) / "config.json"
-    with tempfile.TemporaryDirectory() as workdir:
-        previous = os.environ.get("QUANTARENA_CACHE")
-        os.environ["QUANTARENA_CACHE"] = str(Path(workdir) / "cache")  # nothing of the twin stays
+    with tempfile.TemporaryDirectory() as workdir, \
+            mock.patch.dict(os.environ, {"QUANTARENA_CACHE": str(Path(workdir) / "cache")}):  # nothing stays
+        twin = backend_class("mlc")(variant, options)
+        twin.load(shrunk_twin(config, Path(workdir)))
         try:
-            twin = backend_class("mlc")(variant, options)
-            twin.load(shrunk_twin(config, Path(workdir)))
             timed_decode(twin.session, prompt, 4)  # warm-up
-            median = statistics.median(timed_decode(twin.session, prompt, steps))
-            twin.close()
+            return statistics.median(timed_decode(twin.session, prompt, steps))
         finally:
-            if previous is None:
-                os.environ.pop("QUANTARENA_CACHE", None)
-            else:
-                os.environ["QUANTARENA_CACHE"] = previous
-    return median
+            twin.close()
 
 
 def main() -> int:
@@ -140,11 +135,8 @@ def main() -> int:
     session = backend.session
     prompt = [(7 * i + 11) % 200 + 10 for i in range(args.prompt)]  # ids every vocabulary has
 
-    def run(steps: int, instrument=None) -> list[float]:
-        return timed_decode(session, prompt, steps, instrument)
-
-    run(4)  # warm-up
-    plain = run(args.steps)
+    timed_decode(session, prompt, 4)  # warm-up
+    plain = timed_decode(session, prompt, args.steps)
     seconds: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
     arg_bytes: dict[str, int] = defaultdict(int)
@@ -159,7 +151,7 @@ def main() -> int:
             calls[symbol] += 1
         return 0
 
-    instrumented = run(args.steps, instrument)
+    instrumented = timed_decode(session, prompt, args.steps, instrument)
     step_ms = statistics.median(plain) * 1e3
     kernels_ms = sum(seconds.values()) / args.steps * 1e3
     bandwidth = memory_bandwidth(threads=backend.threads)["bytes_s"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,6 +76,16 @@ def test_quantized_variant_is_built_by_llama_cpp_once_and_then_cached(tiny_model
     assert hit.preparation.peak_rss_bytes == built.preparation.peak_rss_bytes
     assert (tmp_path / "llamacpp").is_dir() and hit.preparation.artifact_dir.startswith(str(tmp_path))
     again.close()
+    monkeypatch.undo()  # an entry from before the summary was kept: read once, then kept in its manifest
+    manifest_path = Path(hit.preparation.artifact_dir) / "q8_0.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["tensors"]
+    manifest_path.write_text(json.dumps(manifest))
+    monkeypatch.setenv("QUANTARENA_CACHE", str(tmp_path))
+    older = backend_class("llamacpp")("q8_0", {"threads": 2})
+    assert older.load(tiny_model).details["tensor_types"] == built.details["tensor_types"]
+    older.close()
+    assert json.loads(manifest_path.read_text())["tensors"]["tensor_types"] == built.details["tensor_types"]
 
 
 def test_quantized_weights_are_smaller_and_cost_some_accuracy(loaded):

@@ -161,7 +161,8 @@ class LlamaCppBackend(Backend):
         self._weight_groups = facts["tensors"]["weight_groups"]
         self._tensor_types = facts["tensors"]["tensor_types"]
         return Preparation(convert_s=facts["convert_s"], quantize_s=facts["quantize_s"],
-                           artifact_bytes=self.path.stat().st_size, peak_rss_bytes=largest_peak(facts["convert_peak_bytes"], facts["quantize_peak_bytes"]),
+                           artifact_bytes=self.path.stat().st_size,
+                           peak_rss_bytes=largest_peak(facts["convert_peak_bytes"], facts["quantize_peak_bytes"]),
                            artifact_dir=str(self.path.parent), cache_hit=facts["cache_hit"])
 
     def _load(self, model: ModelSpec, directory: Path) -> LoadedModel:

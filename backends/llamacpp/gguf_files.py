@@ -342,6 +342,15 @@ def _cached_facts(entry: Path, variant: str) -> dict[str, Any] | None:
     return {k: manifest.get(k) for k in _FACTS}
 
 
+def _with_tensors(entry: Path, variant: str, facts: dict[str, Any]) -> dict[str, Any]:
+    """``facts`` of the cached ``<variant>.gguf`` with its ``tensor_summary``; an entry built before
+    the summary was kept has it read once and written into its manifest."""
+    if facts["tensors"] is None:
+        facts["tensors"] = tensor_summary(entry / f"{variant}.gguf")
+        write_manifest(entry, [f"{variant}.gguf"], facts, name=f"{variant}.json")
+    return facts
+
+
 def _measured(step: Callable[[], Any]) -> tuple[Any, int]:
     """``(step(), memory it added)``: the result and ``StepPeak.growth_bytes`` (bytes)."""
     with StepPeak() as peak:
@@ -378,10 +387,7 @@ def variant_file(spec: ModelSpec, directory: Path, variant: str, threads: int) -
                                       "tensors": tensor_summary(Path(spec.location))}
     cached = _cached_facts(entry, variant)
     if cached is not None:
-        if cached["tensors"] is None:  # an entry from before the summary was kept: read it once, keep it
-            cached["tensors"] = tensor_summary(target)
-            write_manifest(entry, [target.name], cached, name=f"{variant}.json")
-        return target, {**cached, "cache_hit": True, "entry": file_entry(entry, variant)}
+        return target, {**_with_tensors(entry, variant, cached), "cache_hit": True, "entry": file_entry(entry, variant)}
     source = entry / f"{SOURCE}.gguf"
     base = _cached_facts(entry, SOURCE)
     hit = base is not None
@@ -398,10 +404,7 @@ def variant_file(spec: ModelSpec, directory: Path, variant: str, threads: int) -
                 "convert_peak_bytes": peak, "quantize_peak_bytes": None, "tensors": tensor_summary(source)}
         write_manifest(entry, [source.name], base, name=f"{SOURCE}.json")
     if variant == "f32" and base["source_type"] == "F32":
-        if base["tensors"] is None:
-            base["tensors"] = tensor_summary(source)
-            write_manifest(entry, [source.name], base, name=f"{SOURCE}.json")
-        return source, {**base, "cache_hit": hit, "entry": file_entry(entry, SOURCE)}
+        return source, {**_with_tensors(entry, SOURCE, base), "cache_hit": hit, "entry": file_entry(entry, SOURCE)}
     (_, quantize_s), quantize_peak = _measured(
         lambda: _atomic(target, lambda tmp: quantize(source, tmp, variant, threads)))
     facts = {"convert_s": base["convert_s"], "quantize_s": quantize_s, "source_type": base["source_type"],

@@ -201,7 +201,8 @@ class MLCBackend(Backend):
         self._entry = entry
         self._info = {"target": str(target), "target_key": target_key(target), "artifact_dir": str(entry)}
         return Preparation(convert_s=meta["convert_s"], compile_s=meta["compile_s"],
-                           artifact_bytes=sum(sizes.values()), peak_rss_bytes=largest_peak(meta.get("convert_peak_bytes"), meta.get("compile_peak_bytes")),
+                           artifact_bytes=sum(sizes.values()),
+                           peak_rss_bytes=largest_peak(meta.get("convert_peak_bytes"), meta.get("compile_peak_bytes")),
                            artifact_dir=str(entry), cache_hit=cached)
 
     def _load(self, model: ModelSpec, directory: Path) -> LoadedModel:

@@ -291,7 +291,8 @@ class OnnxRuntimeBackend(Backend):
         self._weight_groups = artifacts.cached_weight_groups(self.artifact.directory, self.artifact.model_path)
         manifest = self.artifact.manifest
         return Preparation(export_s=manifest["export_s"], quantize_s=manifest["quantize_s"],
-                           artifact_bytes=int(manifest["artifact_bytes"]), peak_rss_bytes=largest_peak(manifest.get("export_peak_bytes"), manifest.get("quantize_peak_bytes")),
+                           artifact_bytes=int(manifest["artifact_bytes"]),
+                           peak_rss_bytes=largest_peak(manifest.get("export_peak_bytes"), manifest.get("quantize_peak_bytes")),
                            artifact_dir=str(self.artifact.directory), cache_hit=self.artifact.cache_hit)
 
     def _load(self, model: ModelSpec, directory: Path) -> LoadedModel:
