@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -155,6 +156,11 @@ class MLCBackend(Backend):
 
             if not tvm.cuda(0).exist:
                 raise BackendError(f"{self.label}: device=cuda but TVM sees no CUDA device")
+            # TVM 0.27 compiles the CUDA kernels when the library loads, with NVRTC unless told
+            # otherwise; on an H100, NVRTC segfaulted on these kernels and nvcc built them
+            # (docs/backends/mlc.md, CUDA)
+            if shutil.which("nvcc"):
+                os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
         # TVM sizes its thread pool once per process, at its first parallel call
         os.environ["TVM_NUM_THREADS"] = str(self.threads)
         from backends.memory import StepPeak
@@ -184,7 +190,7 @@ class MLCBackend(Backend):
             with artifacts.Staging(entry) as build:
                 t0 = time.perf_counter()
                 with StepPeak() as compile_peak:
-                    executable = compile_module(mod, target, self.mode.quantized, fast_attention)
+                    executable = compile_module(mod, target, fast_attention)
                     executable.export_library(str(build.path / "lib.so"))
                     del executable
                 compile_s = time.perf_counter() - t0

@@ -36,23 +36,21 @@ def target_key(target) -> str:
     return f"llvm-{target.attrs.get('mcpu', '')}"
 
 
-def relax_pipeline(target, gpu_matmul_rule: bool = True, fast_attention: bool = True):
+def relax_pipeline(target, fast_attention: bool = True):
     """TVM's default Relax pipeline for ``target`` with this backend's scheduling after FuseTIR.
 
     ``fast_attention=False`` keeps the KV cache's own CPU attention kernels (A/B comparisons).
-
-    ``gpu_matmul_rule=False`` leaves dlight's ``gpu.Matmul`` out: in TVM 0.27 it segfaults (in
-    ``Tensorize``) on the unquantized fp16 model, whose matmuls then get the GEMV/fallback rules.
+    On CUDA: dlight's GPU rules, as MLC-LLM; the linear layers carry ``dlight.do_not_tensorize``
+    (``model.py``).
     """
     import tvm
-    from tvm import relax
 
     if target.kind.name == "cuda":
         from tvm.relax.backend.cuda import pipeline as base
         from tvm.s_tir import dlight as dl
 
-        rules = [dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
-        schedule = [dl.ApplyDefaultSchedule(*([dl.gpu.Matmul()] if gpu_matmul_rule else []), *rules)]
+        schedule = [dl.ApplyDefaultSchedule(
+            dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
         finalize = base.finalize_passes(target)
     else:
         from tvm.relax.backend.cpu_generic import pipeline as base
@@ -61,24 +59,30 @@ def relax_pipeline(target, gpu_matmul_rule: bool = True, fast_attention: bool = 
 
         schedule = [cpu_schedule_pass(fast_attention)]
         finalize = cpu_finalize_passes(base, target)
-    legalize = [
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod, _ctx):
+        with target:
+            seq = tvm.transform.Sequential(
+                base.library_dispatch_passes(target) + fusion_passes() + schedule
+                + base.dataflow_lower_passes(target) + finalize
+            )
+            return seq(mod)
+
+    return _pipeline
+
+
+def fusion_passes() -> list:
+    """Legalize the Relax ops to TIR and fuse them (TVM's default order): what the schedules see."""
+    from tvm import relax
+
+    return [
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
     ]
-
-    @tvm.transform.module_pass(opt_level=0)
-    def _pipeline(mod, _ctx):
-        with target:
-            seq = tvm.transform.Sequential(
-                base.library_dispatch_passes(target) + legalize + schedule
-                + base.dataflow_lower_passes(target) + finalize
-            )
-            return seq(mod)
-
-    return _pipeline
 
 
 def cpu_finalize_passes(base, target) -> list:
@@ -95,8 +99,8 @@ def cpu_finalize_passes(base, target) -> list:
     return [p for p in base.finalize_passes(target) if p.info.name != "KillAfterLastUse"]
 
 
-def compile_module(mod, target, quantized: bool = True, fast_attention: bool = True):
+def compile_module(mod, target, fast_attention: bool = True):
     """``tvm.compile`` the exported IRModule for ``target``; returns the VM executable."""
     import tvm
 
-    return tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, quantized, fast_attention))
+    return tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, fast_attention))
