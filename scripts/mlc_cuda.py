@@ -7,7 +7,7 @@ SmolLM2's weights. So the work is split in three:
 ``bundle`` (CPU machine): TVM's Python package without its compiler library (``tvm-runtime.tgz``,
 ~4 MB) and the wheels the run needs that the GPU image lacks (tvm-ffi, pydantic), for Python 3.12.
 
-``build`` (CPU machine, with nvcc): ``build_model`` compiled for ``cuda`` exactly as
+``build`` (CPU machine; neither a GPU nor nvcc is needed): ``build_model`` compiled for ``cuda`` exactly as
 ``MLCBackend.prepare`` does (``make_target`` with ``QUANTARENA_CUDA_ARCH``, ``compile_module``:
 TVM's CUDA pipeline with dlight's GPU rules); ``lib.so`` and a ``meta.json`` with the parameter
 names, shapes and dtypes, per model and variant. TVM 0.27 keeps the CUDA kernels as source in
@@ -57,10 +57,10 @@ CONFIGS = Path(__file__).resolve().parents[1] / "backends" / "configs"
 
 
 def compute_dtype(variant: str) -> str:
-    """What ``MLCBackend.compute_dtype`` gives on CUDA: fp16 for f16 modes, else fp32."""
-    from backends.mlc.quant import MODES
+    """The activation / KV-cache dtype of ``variant`` on CUDA (``MLCBackend.compute_dtype``)."""
+    from backends.mlc.backend import MLCBackend
 
-    return "float16" if MODES[variant].scale_dtype == "float16" else "float32"
+    return MLCBackend(variant, {"device": "cuda"}).compute_dtype
 
 
 # --- build (CPU machine) -----------------------------------------------------------------------
@@ -69,7 +69,6 @@ def build(model: str, variants: list[str], arch: str, out: Path, weights: str) -
     ``out/<model>-<variant>/{lib.so,meta.json}``; ``weights`` (``convert`` or ``packed``) is how
     ``run`` makes its parameters."""
     os.environ["QUANTARENA_CUDA_ARCH"] = arch
-    os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
     from backends.mlc.compile import compile_module, make_target
     from backends.mlc.model import LlamaConfig, build_model, export_spec
     from backends.mlc.quant import MODES
@@ -463,7 +462,7 @@ def main() -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     k = sub.add_parser("bundle", help="TVM's runtime and the wheels the GPU machine lacks")
     k.add_argument("--out", type=Path, required=True)
-    b = sub.add_parser("build", help="cross-compile for cuda (CPU machine with nvcc)")
+    b = sub.add_parser("build", help="cross-compile for cuda (CPU machine)")
     b.add_argument("--model", default="smollm2-135m")
     b.add_argument("--variants", default="q4f16_1,q0f16")
     b.add_argument("--arch", default="sm_90")
