@@ -145,23 +145,16 @@ def build_model(cfg: LlamaConfig, mode: QuantMode, dtype: str, embed_mode: Quant
             def compute(xt, *ps):
                 r = te.reduce_axis((0, kdim), name="k")
                 n = xt.shape[0]
-                if tile_width == 0 and block == "qmm":
+                weight = lambda k, j: weight_expr(ps, k, j, wmode)  # noqa: E731
+                if tile_width == 0 and block == "qmm" and wmode.quantized:
                     # GPU prefill: a dequantize block feeding a plain matmul block (MLC-LLM's
                     # fused dequantize-matmul shape), which dlight's Matmul rule tiles; with the
                     # dequantize inside the reduction only GeneralReduction applied (8B, H100:
-                    # 113 -> 1,669 prefill tokens/s). Decode keeps that form: Matmul's tiles
+                    # 113 -> 1,683 prefill tokens/s). Decode keeps that form: Matmul's tiles
                     # at one row decoded 4.2x slower than GeneralReduction (scripts/mlc_cuda.py)
-                    if wmode.quantized:
-                        w = te.compute((kdim, ndim), lambda k, j: weight_expr(ps, k, j, wmode).astype(dtype),
-                                       name="dequantize")
-                        weight = lambda k, j: w[k, j].astype("float32")  # noqa: E731
-                    else:
-                        weight = lambda k, j: ps[0][0, k, j].astype("float32")  # noqa: E731
-                    acc = te.compute((n, ndim), lambda i, j: te.sum(
-                        xt[i, r].astype("float32") * weight(r, j), axis=r), name=block)
-                    if dtype == "float32":
-                        return acc
-                    return te.compute((n, ndim), lambda i, j: acc[i, j].astype(dtype), name="qmm_out")
+                    w = te.compute((kdim, ndim), lambda k, j: weight_expr(ps, k, j, wmode).astype(dtype),
+                                   name="dequantize")
+                    weight = lambda k, j: w[k, j].astype("float32")  # noqa: E731
                 # CPU GEMM: rows padded to a multiple of ROW_PAD (the padding rows repeat the last
                 # row) so the scheduled row tiles need no bounds check: the dynamic-length
                 # predicate in the tile loop halved GEMM speed (notes/tvm-0.27.md)
@@ -170,7 +163,7 @@ def build_model(cfg: LlamaConfig, mode: QuantMode, dtype: str, embed_mode: Quant
                 acc = te.compute(
                     (rows_out, ndim),
                     lambda i, j: te.sum(xt[te.min(i, n - 1) if padded else i, r].astype("float32")
-                                        * weight_expr(ps, r, j, wmode), axis=r),
+                                        * weight(r, j), axis=r),
                     name=block,
                 )
                 if dtype == "float32" and not padded:
