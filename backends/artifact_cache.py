@@ -109,14 +109,22 @@ def file_record(path: Path) -> dict[str, Any]:
     return {"bytes": size, "sha256": digest.hexdigest(), "hashed": "sampled"}
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary sibling and rename it to ``path``."""
+def replace_atomically(path: Path, write: Callable[[Path], Any]) -> Any:
+    """``write(tmp)`` to a temporary sibling of ``path``, then rename it to ``path``: a reader
+    never sees a half-written file; the temporary file is removed if ``write`` fails. Returns what
+    ``write`` returned."""
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(text)
+        result = write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return result
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` (``replace_atomically``)."""
+    replace_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def manifest_of(directory: Path, files: list[str] | None = None, facts: dict[str, Any] | None = None,

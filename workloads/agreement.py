@@ -21,7 +21,6 @@ Two comparisons, both against the baseline backend variant of the run (``--basel
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from backends.artifact_cache import replace_atomically
 from backends.scoring import CompactLogprobs
 
 # Tokens kept per scored position in the baseline's store (the default of ``--kld-topk``). The gap
@@ -105,12 +105,14 @@ class BaselineStore:
         """Write the store (numpy ``.npz``, atomically: a temporary file renamed); returns its bytes."""
         topk = CompactLogprobs.concatenate(self._topk)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + ".tmp")
-        with temporary.open("wb") as handle:
-            np.savez(handle, offsets=self.offsets, targets=np.concatenate(self._targets),
-                     logprobs=np.concatenate(self._logprobs), topk_top=topk.top, topk_logprobs=topk.logprobs,
-                     topk_ids=topk.ids, log_rest=topk.log_rest, meta=np.array(json.dumps(meta)))
-        os.replace(temporary, path)
+
+        def write(temporary: Path) -> None:
+            with temporary.open("wb") as handle:
+                np.savez(handle, offsets=self.offsets, targets=np.concatenate(self._targets),
+                         logprobs=np.concatenate(self._logprobs), topk_top=topk.top, topk_logprobs=topk.logprobs,
+                         topk_ids=topk.ids, log_rest=topk.log_rest, meta=np.array(json.dumps(meta)))
+
+        replace_atomically(path, write)
         return path.stat().st_size
 
     @classmethod

@@ -78,10 +78,14 @@ def wikitext2_token_ids(tokenizer) -> tuple[int, ...]:
             pass
     ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
     if path is not None:
+        from backends.artifact_cache import replace_atomically
+
+        def save(tmp: Path) -> None:
+            with tmp.open("wb") as handle:  # a handle: np.save would append ".npy" to a path
+                np.save(handle, np.asarray(ids, dtype=np.int64))
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.npy")
-        np.save(tmp, np.asarray(ids, dtype=np.int64))
-        os.replace(tmp, path)
+        replace_atomically(path, save)
     return ids
 
 

@@ -37,14 +37,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from backends.artifact_cache import CacheEntry, write_manifest
+from backends.artifact_cache import CacheEntry, replace_atomically, write_manifest
 from backends.memory import StepPeak
 from backends.models import ModelSpec, cache_root, checkpoint_identity, file_identity
 from backends.safetensors_io import SafetensorsCheckpoint, read_into
@@ -68,13 +67,8 @@ class UnsupportedModel(ValueError):
 def _atomic(target: Path, write: Callable[[Path], Any]) -> tuple[Any, float]:
     """Run ``write(tmp)`` and rename the file it wrote to ``target``; returns ``(what write
     returned, the seconds it took)``."""
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
     started = time.perf_counter()
-    try:
-        result = write(tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    result = replace_atomically(target, write)
     return result, time.perf_counter() - started
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from backends.artifact_cache import CacheEntry, note_rebuild, publish_dir
+from backends.artifact_cache import CacheEntry, atomic_write_text, note_rebuild, publish_dir
 from backends.base import BackendError
 from backends.models import cache_root
 
@@ -241,12 +241,10 @@ def cached_weight_groups(artifact_dir: Path, model_path: Path) -> dict[str, list
     except (OSError, ValueError):
         pass
     groups = weight_groups(model_path)
-    tmp = sidecar.with_name(f"{sidecar.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(groups))
-        os.replace(tmp, sidecar)
+        atomic_write_text(sidecar, json.dumps(groups))
     except OSError:  # a read-only cache: the figure is still returned
-        tmp.unlink(missing_ok=True)
+        pass
     return groups
 
 
