@@ -218,6 +218,24 @@ def stand_in_tokenizer_dir() -> Path:
     return checkpoint_dir(resolve_model(EMBEDDED_MODEL))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def random_weights_tokenizer_dir(config_path: Path) -> Path:
+    """The tokenizer a random-weight model is cached with: the one beside its config when that
+    directory has one (a local directory holding a Hub model's config and tokenizer, without its
+    weights), else the embedded model's (``stand_in_tokenizer_dir``, which may convert the
+    embedded GGUF once)."""
+    directory = Path(config_path).parent
+    return directory if own_tokenizer_files(config_path) else stand_in_tokenizer_dir()
+
+
+def own_tokenizer_files(config_path: Path) -> list[Path]:
+    """The tokenizer files beside a random-weight model's config (``TOKENIZER_FILES`` present)."""
+    directory = Path(config_path).parent
+    return [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
+
+
 def checkpoint_dir(spec: ModelSpec) -> Path:
     """A local Hugging Face checkpoint directory (config, weights, tokenizer) for ``spec``.
 
@@ -249,8 +267,8 @@ def checkpoint_dir(spec: ModelSpec) -> Path:
             ) from None
     # keyed by content, not path: a second clone or virtual environment finds the same entry
     key_parts = (file_sha256(spec.location), transformers.__version__, str(RANDOM_SEED))
-    if spec.source == "random":
-        key_parts += (str(RANDOM_BUILDER),)
+    if spec.source == "random":  # with its own tokenizer, the tokenizer's bytes key the entry too
+        key_parts += (str(RANDOM_BUILDER), *(file_sha256(str(f)) for f in own_tokenizer_files(Path(spec.location))))
     key = _fingerprint(spec.source, *key_parts)
     target = cache_root() / "checkpoints" / f"{Path(spec.name).name}-{spec.source}-{key}"
     entry = checkpoint_entry(target)
@@ -386,7 +404,7 @@ def build_random_checkpoint(config_path: Path, target: Path) -> dict[str, Any]:
     if stored is None:
         raise ModelError(f"random weights: config dtype {dtype} is not a float type")
     std = float(getattr(config, "initializer_range", 0.02))
-    tokenizer = AutoTokenizer.from_pretrained(stand_in_tokenizer_dir())  # may convert the embedded model
+    tokenizer = AutoTokenizer.from_pretrained(random_weights_tokenizer_dir(config_path))
     with StepPeak() as peak:
         specs = random_tensor_specs(config)
         itemsize = np.dtype(STORED[stored]).itemsize

@@ -18,7 +18,7 @@ import numpy as np
 
 from reports.roofline import decode_roofline
 from reports.stats import BOOTSTRAP_SAMPLES, PairedResult, paired_bootstrap_ppl
-from reports.table import headline_latency
+from reports.table import headline_latency, resident_bytes
 
 
 def baseline_label(records: list[dict[str, Any]], requested: str | None = None) -> str | None:
@@ -118,7 +118,8 @@ def relative_rows(records: list[dict[str, Any]], baseline: str) -> list[Relative
         any_base = next(iter(base.values()), None) or next((r for r in ok if r["label"] == baseline), None)
         load, base_load = any_mine.get("load") or {}, (any_base or {}).get("load") or {}
         row.weight_saving_pct = _saving(load.get("weight_bytes"), base_load.get("weight_bytes"))
-        row.resident_saving_pct = _saving(load.get("model_resident_bytes"), base_load.get("model_resident_bytes"))
+        row.resident_saving_pct = _saving(resident_bytes(load, any_mine.get("info")),
+                                          resident_bytes(base_load, (any_base or {}).get("info")))
         if lat is not None:
             roofline = decode_roofline(lat)
             row.roofline_pct = roofline["pct_of_roofline"] if roofline else None

@@ -119,7 +119,7 @@ def _relative_section(records: list[dict[str, Any]], baseline: str | None, flags
             line[0] += f" {FLAG}"
         cells.append(line)
     return [f"Relative to the baseline **`{baseline}`**: speed ratios at the headline shape (x > 1: faster), "
-            "bytes saved (weights as stored; model-resident host memory), perplexity change paired over the "
+            "bytes saved (weights as stored; model-resident memory on the model's device), perplexity change paired over the "
             "same scored tokens with a block-bootstrap 95% CI and p-value, KL divergence and top-1 agreement "
             "with the baseline's distributions, greedy-token agreement and first divergent token (FDT) on the "
             "latency prompts, decode rate as % of the memory-bandwidth roofline (`docs/metrics.md`); "

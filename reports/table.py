@@ -43,7 +43,7 @@ class SummaryRow:
     peak_mb: Cellval
     ppl: Cellval
     errors: list[str] = field(default_factory=list)
-    # load.model_resident_bytes (host RSS after load - before, heap trimmed), MB
+    # resident_bytes: what the load added on the model's device (CPU: host RSS, heap trimmed), MB
     resident_mb: Cellval = field(default_factory=lambda: Cellval(None, digits=0))
 
     COLUMNS = ("backend", "format", "weight MB", "resident MB", "load s", "TTFT ms", "decode tok/s",
@@ -83,6 +83,21 @@ def peak_bytes(metrics: dict[str, Any], info: dict[str, Any] | None = None) -> i
     return metrics.get("peak_rss_bytes")
 
 
+def resident_bytes(load: dict[str, Any], info: dict[str, Any] | None = None) -> int | None:
+    """The memory the loaded model holds (bytes) on the device it runs on: on a CUDA record
+    (``info["device"] == "cuda"``) what torch's allocator gained over the load
+    (``model_resident_cuda_allocated_bytes``), or None (shown "-") when missing or 0; on CPU the
+    host RSS the load added (``model_resident_bytes``). The same rule as ``peak_bytes``: a CUDA
+    model's host RSS is the libraries and the CUDA context, not the model.
+
+    Args:
+        load: the record's ``load``. info: the record's ``info`` (None: treated as CPU).
+    """
+    if (info or {}).get("device") == "cuda":
+        return load.get("model_resident_cuda_allocated_bytes") or None
+    return load.get("model_resident_bytes")
+
+
 def host_peak_bytes(metrics: dict[str, Any]) -> int | None:
     """Peak resident memory of the worker process (``peak_rss_bytes``), on any device."""
     return metrics.get("peak_rss_bytes")
@@ -102,8 +117,9 @@ def summary_rows(records: list[dict[str, Any]]) -> list[SummaryRow]:
         info, load, metrics = record.get("info") or {}, record.get("load") or {}, record["metrics"]
         row.format = str((info.get("quantization") or {}).get("format", row.format))
         row.weight_mb = Cellval(load.get("weight_bytes", 0) / MB)
-        if load.get("model_resident_bytes") is not None:
-            row.resident_mb = Cellval(load["model_resident_bytes"] / MB, digits=0)
+        resident = resident_bytes(load, info)
+        if resident is not None:
+            row.resident_mb = Cellval(resident / MB, digits=0)
         row.load_s = Cellval(load.get("load_s"), digits=2)
         if record["workload"] == "latency" and record["params"] == shape:
             row.ttft_ms = _stat(metrics, "ttft_ms")

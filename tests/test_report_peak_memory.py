@@ -43,3 +43,23 @@ def test_cpu_record_device_peak_is_the_process_rss():
     assert peak_bytes(record["metrics"], record["info"]) == 500 * MB
     columns = _columns(record)
     assert (columns["peak MB"], columns["host RSS MB"]) == ("500", "500")
+
+
+def test_model_memory_on_cuda_is_what_the_allocator_gained_not_host_rss():
+    """Measured on an H100: an 8B fp16 model added 16.1 GB to the CUDA allocator and 0.7 GB of host
+    RSS (libraries, CUDA context); resident MB and "model memory saved" must be the 16.1 GB."""
+    from reports.baseline import relative_rows
+
+    def cuda_record(label: str, host: int, device: int) -> dict:
+        record = _latency_record("cuda", peak_rss_bytes=900 * MB, peak_cuda_allocated_bytes=device + 50 * MB)
+        record["label"] = label
+        record["load"].update(model_resident_bytes=host, model_resident_cuda_allocated_bytes=device)
+        return record
+
+    base, quantized = cuda_record("hf:fp16", 734 * MB, 16000 * MB), cuda_record("bnb:nf4", 650 * MB, 6000 * MB)
+    assert summary_rows([base])[0].resident_mb.render() == "16000"
+    saved = {row.label: row.resident_saving_pct for row in relative_rows([base, quantized], "hf:fp16")}
+    assert round(saved["bnb:nf4"], 1) == 62.5  # 1 - 6000/16000, not 1 - 650/734 (11.4%)
+    cpu = _latency_record("cpu", peak_rss_bytes=500 * MB)
+    cpu["load"].update(model_resident_bytes=300 * MB)
+    assert summary_rows([cpu])[0].resident_mb.render() == "300"

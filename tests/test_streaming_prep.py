@@ -173,3 +173,31 @@ def test_reading_bf16_and_f16_as_float32_widens_exactly_across_chunks(tmp_path):
     assert np.array_equal(checkpoint.float32("h"), values.to(torch.float16).float().numpy())
     assert np.array_equal(checkpoint.float32("f"), values.numpy())
     assert checkpoint.float32("b").dtype == np.float32 and checkpoint.float32("b").shape == (3001, 517)
+
+
+def test_random_checkpoint_takes_the_tokenizer_beside_its_config_and_keys_the_cache_by_it(mid_config, tmp_path,
+                                                                                        monkeypatch):
+    """A local directory with a config and a tokenizer but no weights (a Hub model's small files)
+    gets random weights with its own tokenizer, not the embedded model's; another tokenizer beside
+    the same config is another cache entry."""
+    from transformers import AutoTokenizer
+
+    from backends import models
+
+    monkeypatch.setenv("QUANTARENA_CACHE", str(tmp_path / "cache"))
+    config = json.loads(mid_config.read_text())
+    config.update(num_hidden_layers=1, hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                  num_key_value_heads=1)
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "config.json").write_text(json.dumps(config))
+    stand_in = AutoTokenizer.from_pretrained(models.stand_in_tokenizer_dir())
+    stand_in.add_tokens(["<quantarena-own-token>"])  # makes it a tokenizer the stand-in is not
+    stand_in.save_pretrained(own)
+    spec = models.resolve_model(str(own), random_weights=True)
+    built = models.checkpoint_dir(spec)
+    assert "<quantarena-own-token>" in AutoTokenizer.from_pretrained(built).get_vocab()
+    (own / "tokenizer.json").write_text((own / "tokenizer.json").read_text().replace("quantarena-own", "quantarena-two"))
+    rebuilt = models.checkpoint_dir(spec)
+    assert rebuilt != built
+    assert "<quantarena-two-token>" in AutoTokenizer.from_pretrained(rebuilt).get_vocab()
