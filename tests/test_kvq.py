@@ -127,14 +127,25 @@ def test_hybrid_size_lies_between_int2_and_full(kvq):
 
 
 def test_fp16_scoring_through_cache_equals_single_forward(kvq, tiny_model):
+    """Why kvq:fp16 scores in one forward: chunks through its unquantized cache give the same
+    log-likelihoods as one forward over the window (and as hf:fp32's)."""
+    from backends.kvq.scoring import cached_logits
+    from backends.scoring import score_rows
+
     hf = backend_class("hf")("fp32")
     hf.load(tiny_model)
-    window = ScoringWindow(tuple(range(500, 700)), 0)
+    window = ScoringWindow(tuple(range(500, 700)), 20)
     reference = hf.loglikelihood([window])[0]
     hf.close()
-    through_cache = kvq("fp16").loglikelihood([window])[0]
-    assert through_cache.shape == reference.shape == (199,)
+    fp16 = kvq("fp16")
+    one_forward = fp16.loglikelihood([window])[0]
+    chunks = cached_logits(fp16.model, fp16.new_cache(), window.token_ids, window.first_scored,
+                           fp16.score_chunk, fp16.device)
+    through_cache = score_rows(chunks, np.asarray(window.token_ids[window.first_scored:])).logprobs
+    assert one_forward.shape == reference.shape == (180,) and len(chunks) == 180
+    np.testing.assert_allclose(one_forward, reference, atol=1e-5)
     np.testing.assert_allclose(through_cache, reference, atol=1e-5)
+    assert "one forward" in fp16.info()["kv_cache"]["scoring"]
 
 
 def test_int2_scoring_reads_the_quantized_cache(kvq, monkeypatch):

@@ -32,7 +32,9 @@ class LatencyParams(WorkloadParams):
                       "--context-lengths", sweep=True, cli_default=[128, 512])
     n_out: int = param(64, "new tokens", "--output-len")
     batch: int = param(1, "sequences per call", "--batch-sizes", sweep=True)
-    warmup: int = param(2, "untimed runs per cell", "--warmup", minimum=0)
+    # one full-length untimed run, as llama-bench's single warm-up: a second one changed no
+    # backend's timed runs beyond this machine's drift (docs/metrics.md, "Warm-up")
+    warmup: int = param(1, "untimed runs per cell", "--warmup", minimum=0)
     repetitions: int = param(5, "timed runs per cell", "--repetitions")
 
 

@@ -253,8 +253,11 @@ class KVQuantBackend(TransformersBackend):
         """Logits computed through this variant's KV cache: the window's context is prefilled
         through a fresh cache, then the rest is fed in chunks of at most ``score_chunk`` tokens
         (see ``backends.kvq.scoring``), so every scored token attends to keys and values that went
-        through the cache. float32 ``[window.n_scored, vocab]``."""
-        if self.options.sliding_window:  # kvq:fp16 only (check_options): the sink + window path
+        through the cache. The unquantized variants (``kvq:fp16``) score the window in one forward
+        instead: their cache hands back exactly the keys and values it was given, so the chunks
+        would compute the same logits (``tests/test_kvq.py`` checks it) in 16 small forwards.
+        float32 ``[window.n_scored, vocab]``."""
+        if self.options.sliding_window or not self.quantized:  # the sink + window path: kvq:fp16 only
             return super()._score_logits(window)
         from backends.kvq.scoring import cached_logits
 
@@ -274,7 +277,8 @@ class KVQuantBackend(TransformersBackend):
         kv: dict[str, Any] = {
             "variant": self.variant,
             "full_precision_dtype": self.compute_dtype,
-            "scoring": f"through the cache, prefill then chunks of {self.score_chunk} tokens",
+            "scoring": (f"through the cache, prefill then chunks of {self.score_chunk} tokens" if self.quantized
+                        else "one forward per window (an unquantized cache returns what it stored)"),
         }
         if self.options.sliding_window:
             kv.update(self.window_info())
