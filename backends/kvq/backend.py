@@ -257,7 +257,7 @@ class KVQuantBackend(TransformersBackend):
         instead: their cache hands back exactly the keys and values it was given, so the chunks
         would compute the same logits (``tests/test_kvq.py`` checks it) in 16 small forwards.
         float32 ``[window.n_scored, vocab]``."""
-        if self.options.sliding_window or not self.quantized:  # the sink + window path: kvq:fp16 only
+        if self.options.sliding_window or not self.quantized:  # kvq:fp16 (windows are fp16-only): hf's path
             return super()._score_logits(window)
         from backends.kvq.scoring import cached_logits
 
