@@ -226,8 +226,7 @@ def random_weights_tokenizer_dir(config_path: Path) -> Path:
     directory has one (a local directory holding a Hub model's config and tokenizer, without its
     weights), else the embedded model's (``stand_in_tokenizer_dir``, which may convert the
     embedded GGUF once)."""
-    directory = Path(config_path).parent
-    return directory if own_tokenizer_files(config_path) else stand_in_tokenizer_dir()
+    return Path(config_path).parent if own_tokenizer_files(config_path) else stand_in_tokenizer_dir()
 
 
 def own_tokenizer_files(config_path: Path) -> list[Path]:

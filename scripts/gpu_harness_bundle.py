@@ -46,15 +46,18 @@ def pinned(name: str) -> str:
         raise SystemExit(f"error: {name} is not installed here; install the project first (scripts/install.sh)")
 
 
-def download(requirements: list[str], dest: Path) -> None:
+def download_cp312(requirements: list[str], dest: Path) -> None:
+    """``pip download`` the wheels of ``requirements`` (no dependencies) for the GPU image's
+    CPython 3.12 on x86-64 into ``dest`` (also used by ``mlc_cuda.py bundle``)."""
     platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                    "--python-version", "3.12", *platforms, "-d", str(dest), *requirements], check=True)
+                    "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", str(dest),
+                    *requirements], check=True)
 
 
 def trimmed_bitsandbytes(site: Path, cuda: str, scratch: Path) -> None:
     """bitsandbytes unpacked into ``site`` with only its CPU library and the one for CUDA ``cuda``."""
-    download([pinned("bitsandbytes")], scratch)
+    download_cp312([pinned("bitsandbytes")], scratch)
     wheel = next(scratch.glob("bitsandbytes-*.whl"))
     keep = {"libbitsandbytes_cpu.so", f"libbitsandbytes_cuda{cuda}.so"}
     with zipfile.ZipFile(wheel) as archive:
@@ -92,7 +95,7 @@ def main() -> int:
     shutil.rmtree(args.out, ignore_errors=True)
     (args.out / "data" / "wikitext-2-raw-v1").mkdir(parents=True)
     shutil.copy(wikitext, args.out / "data" / "wikitext-2-raw-v1" / "test.txt")
-    download([pinned(name) for name in WHEELS], args.out / "whl")
+    download_cp312([pinned(name) for name in WHEELS], args.out / "whl")
     trimmed_bitsandbytes(args.out / "site", args.cuda, args.out / "scratch")
     shutil.rmtree(args.out / "scratch")
     model_dirs(args.out / "models")

@@ -96,24 +96,19 @@ def bundle(out: Path) -> None:
     """``out/tvm-runtime.tgz`` (the installed ``tvm`` package without ``libtvm_compiler.so``
     and its vendored sources) and ``out/whl/`` (the run's wheels missing on the GPU image,
     for CPython 3.12 on x86-64)."""
-    import subprocess
     import tarfile
-    from importlib.metadata import version
 
     import tvm
+    from gpu_harness_bundle import download_cp312, pinned  # scripts/ is on the path of a script run
 
     package = Path(tvm.__file__).parent
     skipped = {"3rdparty", "src", "web", "__pycache__", "libtvm_compiler.so"}
     out.mkdir(parents=True, exist_ok=True)
     with tarfile.open(out / "tvm-runtime.tgz", "w:gz") as tar:
         tar.add(package, arcname="tvm", filter=lambda info: None if Path(info.name).name in skipped else info)
-    wheels = [f"{name}=={version(name)}" for name in
-              ("apache-tvm-ffi", "pydantic", "pydantic-core", "annotated-types", "typing-inspection")]
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                    "--python-version", "3.12", "--implementation", "cp",
-                    *(f"--platform={p}" for p in ("manylinux_2_28_x86_64", "manylinux_2_24_x86_64",
-                                                  "manylinux_2_17_x86_64", "manylinux2014_x86_64")),
-                    "-d", str(out / "whl"), *wheels], check=True)
+    download_cp312([pinned(name) for name in
+                    ("apache-tvm-ffi", "pydantic", "pydantic-core", "annotated-types", "typing-inspection")],
+                   out / "whl")
 
 
 # --- run (GPU machine) -------------------------------------------------------------------------

@@ -126,9 +126,10 @@ def test_hybrid_size_lies_between_int2_and_full(kvq):
     assert hybrid.extra["kv_cache_bytes_prefill"] == expected
 
 
-def test_fp16_scoring_through_cache_equals_single_forward(kvq, tiny_model):
+def test_fp16_scores_in_one_forward_which_equals_scoring_through_its_cache(kvq, tiny_model, monkeypatch):
     """Why kvq:fp16 scores in one forward: chunks through its unquantized cache give the same
     log-likelihoods as one forward over the window (and as hf:fp32's)."""
+    from backends.kvq import scoring
     from backends.kvq.scoring import cached_logits
     from backends.scoring import score_rows
 
@@ -138,7 +139,10 @@ def test_fp16_scoring_through_cache_equals_single_forward(kvq, tiny_model):
     reference = hf.loglikelihood([window])[0]
     hf.close()
     fp16 = kvq("fp16")
+    chunked_calls = []
+    monkeypatch.setattr(scoring, "cached_logits", lambda *a: chunked_calls.append(a) or cached_logits(*a))
     one_forward = fp16.loglikelihood([window])[0]
+    assert not chunked_calls, "kvq:fp16 went through the chunked path"
     chunks = cached_logits(fp16.model, fp16.new_cache(), window.token_ids, window.first_scored,
                            fp16.score_chunk, fp16.device)
     through_cache = score_rows(chunks, np.asarray(window.token_ids[window.first_scored:])).logprobs
